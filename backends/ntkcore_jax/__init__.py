@@ -1,0 +1,153 @@
+"""JAX adapter: functions ``f(params, x)`` over any pytree, flax ``apply``, equinox modules."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import array_api_compat
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ntkcore.protocol import PreparedModel
+
+
+def _path_name(path: tuple) -> str:
+    parts = []
+    for key in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return ".".join(parts) or "params"
+
+
+def _is_equinox_module(model: Any) -> bool:
+    return "equinox" in sys.modules and isinstance(model, sys.modules["equinox"].Module)
+
+
+def _flax_module(model: Any) -> Any:
+    """The flax linen module whose bound ``apply`` is ``model``, if it is one."""
+    owner = getattr(model, "__self__", None)
+    linen = sys.modules.get("flax.linen")
+    return owner if linen is not None and isinstance(owner, linen.Module) else None
+
+
+def _is_trainable_leaf(leaf: Any) -> bool:
+    return hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.inexact)
+
+
+def _functional(model: Any, tree: Any, trainable: Callable[[tuple, Any], bool]) -> tuple[Callable, dict]:
+    """Split ``tree`` into an ordered trainable map and constants; ``apply`` rebuilds it."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    names, slots, constants = [], [], []
+    for i, (path, leaf) in enumerate(flat):
+        if trainable(path, leaf):
+            names.append(_path_name(path))
+            slots.append(i)
+        constants.append(leaf)
+    params = {name: jnp.asarray(flat[i][1]) for name, i in zip(names, slots)}
+
+    def apply(p: Mapping[str, Any], x: Any) -> Any:
+        leaves = list(constants)
+        for name, i in zip(names, slots):
+            leaves[i] = p[name]
+        return model(jax.tree_util.tree_unflatten(treedef, leaves), x)
+
+    return apply, params
+
+
+def _accepts_integer_inputs(apply: Callable, params: dict) -> Callable[[Any], bool]:
+    """Integers are ids unless the model converts them to floating point (uses them as numbers)."""
+
+    def check(x: Any) -> bool:
+        jaxpr = jax.make_jaxpr(apply)(params, x[:1]).jaxpr
+        x_var = jaxpr.invars[-1]
+        for eqn in jaxpr.eqns:
+            if x_var in eqn.invars and eqn.primitive.name == "convert_element_type":
+                if jnp.issubdtype(eqn.params["new_dtype"], jnp.inexact):
+                    return False
+        return True
+
+    return check
+
+
+class JaxBackend:
+    """Autodiff interface on JAX transforms."""
+
+    name = "jax"
+
+    def owns(self, model: Any, params: Any, arrays: tuple[Any, ...]) -> bool:
+        if _is_equinox_module(model) or _flax_module(model) is not None:
+            return True
+        leaves = jax.tree_util.tree_leaves(params) + list(arrays)
+        return any(isinstance(leaf, jax.Array) for leaf in leaves)
+
+    def prepare(self, model: Any, params: Any) -> PreparedModel:
+        if _is_equinox_module(model):
+            if params is not None:
+                raise TypeError("params= is not used for an equinox module: pass the module itself as model")
+            eqx = sys.modules["equinox"]
+            dynamic, static = eqx.partition(model, eqx.is_inexact_array)
+
+            def per_batch(tree: Any, x: Any) -> Any:
+                return jax.vmap(eqx.combine(tree, static))(x)
+
+            apply, flat = _functional(per_batch, dynamic, lambda path, leaf: _is_trainable_leaf(leaf))
+            return PreparedModel(apply, flat, accepts_integer_inputs=_accepts_integer_inputs(apply, flat), source=model)
+        if not callable(model):
+            raise TypeError(f"model must be a function f(params, x) for the JAX backend, got {type(model).__name__}")
+        if params is None:
+            raise TypeError("params= is required for a JAX function model f(params, x): pass its parameter pytree")
+        if _flax_module(model) is not None and isinstance(params, Mapping) and "params" in params:
+            # flax variables: only the "params" collection is trainable (batch_stats etc. are state)
+            def trainable(path: tuple, leaf: Any) -> bool:
+                return _path_name(path[:1]) == "params" and _is_trainable_leaf(leaf)
+        else:
+
+            def trainable(path: tuple, leaf: Any) -> bool:
+                return _is_trainable_leaf(leaf)
+
+        apply, flat = _functional(model, params, trainable)
+        return PreparedModel(apply, flat, accepts_integer_inputs=_accepts_integer_inputs(apply, flat), source=model)
+
+    def namespace(self, *arrays: Any) -> Any:
+        return array_api_compat.array_namespace(*arrays) if arrays else jnp
+
+    def asarray(self, x: Any, *, like: Any) -> Any:
+        if isinstance(x, jax.Array):
+            return x
+        if not isinstance(x, (np.ndarray, np.generic, list, tuple)):
+            raise TypeError(f"expected a JAX or numpy array for a JAX model, got {type(x).__module__}.{type(x).__name__}")
+        x = np.asarray(x)
+        dtype = like.dtype if np.issubdtype(x.dtype, np.floating) else None
+        return jnp.asarray(x, dtype=dtype)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        return np.asarray(x)
+
+    def is_floating(self, x: Any) -> bool:
+        return bool(jnp.issubdtype(x.dtype, jnp.floating))
+
+    def dtype_name(self, x: Any) -> str:
+        return str(x.dtype)
+
+    def jvp(self, fn: Callable, primals: Mapping[str, Any], tangents: Mapping[str, Any]) -> tuple[Any, Any]:
+        return jax.jvp(fn, (dict(primals),), (dict(tangents),))
+
+    def vjp(self, fn: Callable, primals: Mapping[str, Any]) -> tuple[Any, Callable]:
+        out, pullback = jax.vjp(fn, dict(primals))
+        return out, lambda cotangent: pullback(cotangent)[0]
+
+    def vmap(self, fn: Callable, in_axes: tuple[int | None, ...]) -> Callable:
+        return jax.vmap(fn, in_axes=in_axes)
+
+    def jit(self, fn: Callable) -> Callable:
+        return jax.jit(fn)
+
+    def capture(self, prepared: PreparedModel, x: Any) -> Any:
+        raise NotImplementedError("per-layer capture for JAX arrives with structured derivatives")

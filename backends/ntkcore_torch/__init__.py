@@ -1,0 +1,109 @@
+"""PyTorch adapter: ``nn.Module`` through ``torch.func`` (functional_call, vjp, jvp, vmap)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import array_api_compat
+import numpy as np
+import torch
+from torch import nn
+
+from ntkcore.protocol import PreparedModel
+
+_BATCH_NORMS = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def _trainable(model: nn.Module, params: Any) -> dict[str, torch.Tensor]:
+    """θ: the parameters with ``requires_grad=True``, optionally replaced by ``params`` values."""
+    own = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    if params is None:
+        return own
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params= for a torch module must be a name -> tensor map, got {type(params).__name__}")
+    unknown = sorted(set(params) - set(own))
+    if unknown:
+        raise ValueError(f"params= names {unknown} that are not trainable parameters of the model; known: {list(own)}")
+    return {name: torch.as_tensor(params.get(name, value)).to(value) for name, value in own.items()}
+
+
+def _batch_coupling(model: nn.Module) -> str | None:
+    for name, module in model.named_modules():
+        if isinstance(module, _BATCH_NORMS) and module.training:
+            return f"{type(module).__name__} {name or 'model'!r} is in training mode (batch statistics)"
+    return None
+
+
+class TorchBackend:
+    """Autodiff interface on ``torch.func`` transforms; no compilation (``jit`` is identity)."""
+
+    name = "torch"
+
+    def owns(self, model: Any, params: Any, arrays: tuple[Any, ...]) -> bool:
+        return isinstance(model, nn.Module) or any(isinstance(a, torch.Tensor) for a in arrays)
+
+    def prepare(self, model: Any, params: Any) -> PreparedModel:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module for the torch backend, got {type(model).__name__}")
+        for name, module in model.named_modules():
+            if isinstance(module, _DROPOUTS) and module.training and module.p > 0:
+                raise ValueError(
+                    f"model: {type(module).__name__} {name!r} is in training mode, so f is random and has "
+                    "no well-defined kernel; call model.eval() first"
+                )
+        theta = _trainable(model, params)
+
+        def apply(p: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(model, dict(p), (x,))
+
+        has_embedding = any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in model.modules())
+        return PreparedModel(
+            apply,
+            theta,
+            batch_coupled=_batch_coupling(model),
+            accepts_integer_inputs=lambda x: has_embedding,
+            source=model,
+        )
+
+    def namespace(self, *arrays: Any) -> Any:
+        return array_api_compat.array_namespace(*arrays) if arrays else array_api_compat.torch
+
+    def asarray(self, x: Any, *, like: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.Tensor):
+            return x
+        if not isinstance(x, (np.ndarray, np.generic, list, tuple)):
+            raise TypeError(
+                f"expected a torch tensor or numpy array for a torch model, got {type(x).__module__}.{type(x).__name__}"
+            )
+        x = np.asarray(x)
+        dtype = like.dtype if np.issubdtype(x.dtype, np.floating) else None
+        return torch.as_tensor(x, dtype=dtype, device=like.device)
+
+    def to_numpy(self, x: torch.Tensor) -> np.ndarray:
+        return x.detach().cpu().numpy()
+
+    def is_floating(self, x: torch.Tensor) -> bool:
+        return x.dtype.is_floating_point
+
+    def dtype_name(self, x: torch.Tensor) -> str:
+        return str(x.dtype).removeprefix("torch.")
+
+    def jvp(self, fn: Callable, primals: Mapping[str, Any], tangents: Mapping[str, Any]) -> tuple[Any, Any]:
+        return torch.func.jvp(fn, (dict(primals),), (dict(tangents),))
+
+    def vjp(self, fn: Callable, primals: Mapping[str, Any]) -> tuple[Any, Callable]:
+        out, pullback = torch.func.vjp(fn, dict(primals))
+        return out, lambda cotangent: pullback(cotangent)[0]
+
+    def vmap(self, fn: Callable, in_axes: tuple[int | None, ...]) -> Callable:
+        return torch.func.vmap(fn, in_dims=in_axes)
+
+    def jit(self, fn: Callable) -> Callable:
+        # torch.compile under torch.func transforms compiles for minutes on CPU for little gain
+        # at these sizes; eager torch.func is the default.
+        return fn
+
+    def capture(self, prepared: PreparedModel, x: Any) -> Any:
+        raise NotImplementedError("per-layer capture for torch arrives with structured derivatives")

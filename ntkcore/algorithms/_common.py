@@ -1,0 +1,24 @@
+"""Small helpers shared by the algorithms."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import array_api_compat
+
+
+def device_of(x: Any) -> Any:
+    """The array's device, or ``None`` where it cannot be asked (tracers, shims)."""
+    try:
+        return array_api_compat.device(x)
+    except Exception:  # noqa: BLE001 - any failure means "let the library place it"
+        return None
+
+
+def output_basis(xp: Any, out: Any) -> Any:
+    """The standard basis of ``out``'s space, shape ``(out.size, *out.shape)``, same dtype/device."""
+    size = math.prod(out.shape)
+    device = device_of(out)
+    kwargs = {} if device is None else {"device": device}
+    return xp.reshape(xp.eye(size, dtype=out.dtype, **kwargs), (size, *out.shape))

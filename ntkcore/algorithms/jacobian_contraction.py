@@ -1,0 +1,73 @@
+"""Jacobian contraction (arXiv 2206.08720, section 3.1).
+
+Per-example Jacobians J = df/dθ are built with one vjp per output component, vectorised
+(N·O backward passes, N·O·[FP]), then contracted Θ = J1·J2ᵀ parameter by parameter
+(N1·N2·O²·P). Traced axes join the contracted dimension and diagonal axes become a batch
+dimension of the matmul, so neither costs more than its result.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from ..axes import KernelAxes, permute_to
+from ..protocol import AutodiffBackend, Params
+from ._common import output_basis
+
+
+def jacobians(
+    backend: AutodiffBackend, apply: Any, params: Params, x: Any, out_shape: tuple[int, ...], *, coupled: bool
+) -> dict[str, Any]:
+    """Jacobians ``name -> array of shape (N, *out_shape, *param.shape)``.
+
+    Independent examples: a vmap over examples of O vectorised vjps (N·O·[FP]). Coupled
+    examples (``coupled=True``): N·O vjps of the whole batch.
+    """
+    xp = backend.namespace(x)
+    if coupled:
+        out, pullback = backend.vjp(lambda p: apply(p, x), params)
+        jac = backend.vmap(pullback, (0,))(output_basis(xp, out))
+    else:
+
+        def one_example(x_i: Any) -> dict[str, Any]:
+            out, pullback = backend.vjp(lambda p: apply(p, x_i[None, ...])[0, ...], params)
+            return backend.vmap(pullback, (0,))(output_basis(xp, out))
+
+        jac = backend.vmap(one_example, (0,))(x)
+    return {k: xp.reshape(v, (x.shape[0], *out_shape, *params[k].shape)) for k, v in jac.items()}
+
+
+def contract(
+    xp: Any,
+    jac1: Mapping[str, Any],
+    jac2: Mapping[str, Any],
+    axes: KernelAxes,
+    shape1: tuple[int, ...],
+    shape2: tuple[int, ...],
+) -> Any:
+    """Θ = Σ_params J1·J2ᵀ for Jacobians ``name -> (N, *out, *param.shape)``.
+
+    ``shape1``/``shape2`` are f's output shapes (N, *out) on each side.
+    """
+    if set(jac1) != set(jac2):
+        raise ValueError("the two Jacobian maps must have the same parameter names")
+    d_axes, k_axes, t_axes = axes.diagonal, axes.kept, axes.trace
+    order = (*d_axes, *k_axes, *t_axes)
+    sizes_d = [shape1[a] for a in d_axes]
+    total = None
+    for name in jac1:
+        operands = []
+        for jac, shape in ((jac1[name], shape1), (jac2[name], shape2)):
+            n_param = math.prod(jac.shape[axes.ndim :])
+            j = xp.reshape(jac, (*shape, n_param))
+            j = xp.permute_dims(j, (*order, axes.ndim))
+            k_size = math.prod(shape[a] for a in k_axes)
+            t_size = math.prod(shape[a] for a in t_axes) * n_param
+            operands.append(xp.reshape(j, (math.prod(sizes_d), k_size, t_size)))
+        block = xp.matmul(operands[0], xp.permute_dims(operands[1], (0, 2, 1)))
+        total = block if total is None else total + block
+    labels = [("d", a) for a in d_axes] + [(1, a) for a in k_axes] + [(2, a) for a in k_axes]
+    sizes = sizes_d + [shape1[a] for a in k_axes] + [shape2[a] for a in k_axes]
+    return permute_to(xp, xp.reshape(total, tuple(sizes)), labels, axes.final_labels())

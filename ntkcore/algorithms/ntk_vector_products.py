@@ -1,0 +1,54 @@
+"""NTK-vector products (arXiv 2206.08720, section 3.2).
+
+Column (j, o) of the kernel is Θ·e_(j,o) = J1·(J2ᵀ·e_(j,o)): one vjp on example j of x2 and
+one jvp on the batch x1, vectorised over j and o. No Jacobian is contracted, so the cost is
+N1·N2·O·[FP] with no N²·O²·P term. Trace and diagonal output axes are reduced from the block
+afterwards; ``diagonal_axes=(0,)`` pairs x1[i] only with x2[i] (N·O·[FP]).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..axes import KernelAxes, reduce_pairs
+from ..protocol import AutodiffBackend, Params
+from ._common import output_basis
+
+
+def kernel(
+    backend: AutodiffBackend,
+    apply: Any,
+    params: Params,
+    x1: Any,
+    x2: Any,
+    axes: KernelAxes,
+    out_shape: tuple[int, ...],
+    *,
+    coupled: bool,
+) -> Any:
+    """The NTK of ``apply`` at ``params`` between ``x1`` and ``x2``, reduced as ``axes`` says."""
+    xp = backend.namespace(x1)
+    out_axes = list(range(1, axes.ndim))
+
+    def columns(x_rows: Any, x_col: Any, squeeze: bool) -> Any:
+        """Θ(x_rows, x_col) for every output component of x_col: (O, N_rows, *out)."""
+        f_col = (lambda p: apply(p, x_col[None, ...])[0, ...]) if squeeze else (lambda p: apply(p, x_col))
+        out, pullback = backend.vjp(f_col, params)
+        tangents = backend.vmap(pullback, (0,))(output_basis(xp, out))
+        push = lambda t: backend.jvp(lambda p: apply(p, x_rows), params, t)[1]  # noqa: E731
+        return backend.vmap(push, (0,))(tangents)
+
+    n1, n2 = x1.shape[0], x2.shape[0]
+    if coupled:
+        block = columns(x1, x2, squeeze=False)  # (N2 * O, N1, *out)
+        block = xp.reshape(block, (n2, *out_shape, n1, *out_shape))
+        labels = [(2, 0), *[(2, a) for a in out_axes], (1, 0), *[(1, a) for a in out_axes]]
+    elif 0 in axes.diagonal:
+        block = backend.vmap(lambda a, b: columns(a[None, ...], b, squeeze=True), (0, 0))(x1, x2)
+        block = xp.reshape(block, (n1, *out_shape, *out_shape))  # (N, O, 1, *out)
+        labels = [("d", 0), *[(2, a) for a in out_axes], *[(1, a) for a in out_axes]]
+    else:
+        block = backend.vmap(lambda b: columns(x1, b, squeeze=True), (0,))(x2)  # (N2, O, N1, *out)
+        block = xp.reshape(block, (n2, *out_shape, n1, *out_shape))
+        labels = [(2, 0), *[(2, a) for a in out_axes], (1, 0), *[(1, a) for a in out_axes]]
+    return reduce_pairs(xp, block, labels, axes)

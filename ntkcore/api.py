@@ -1,0 +1,311 @@
+"""Public entry points: resolve the backend for this call, check inputs, dispatch."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from ._xp import namespace_of
+from .algorithms import jacobian_contraction, ntk_vector_products
+from .axes import KernelAxes
+from .implementation import Implementation, choose
+from .protocol import AutodiffBackend, PreparedModel
+from .registry import detect_backend, get_backend
+
+Axes = int | Sequence[int]
+
+
+class KernelFn:
+    """A reusable ``kernel(x1, x2=None)`` for one model; see :func:`ntk_fn`.
+
+    The backend and the prepared model are resolved on first use (so a JAX function whose
+    framework shows only in its inputs works too); compiled kernels are cached per output
+    shape, axes and x2-reuse, and the framework's compiler caches per input shape.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        params: Any,
+        implementation: Any,
+        trace_axes: Axes,
+        diagonal_axes: Axes,
+        backend: str | None,
+        batch_independent: bool | None,
+        kind: str,
+    ) -> None:
+        self._model, self._params = model, params
+        self._implementation = Implementation.parse(implementation)
+        if self._implementation is Implementation.STRUCTURED:
+            raise NotImplementedError(
+                'implementation="structured" (structured derivatives) is not available yet; '
+                'use "jacobian_contraction", "ntk_vector_products" or "auto"'
+            )
+        if batch_independent not in (None, True, False):
+            raise TypeError(f"batch_independent must be None, True or False, got {batch_independent!r}")
+        self._axes_args = (trace_axes, diagonal_axes)
+        self._batch_independent = batch_independent
+        self._kind = kind
+        self._backend: AutodiffBackend | None = get_backend(backend) if backend is not None else None
+        self._prepared: PreparedModel | None = None
+        self._compiled: dict[Any, Callable[..., Any]] = {}
+        if self._backend is not None:
+            self._prepare()
+
+    # -- set-up ---------------------------------------------------------------------------
+    def _prepare(self, arrays: tuple[Any, ...] = ()) -> None:
+        if self._backend is None:
+            self._backend = detect_backend(self._model, self._params, arrays)
+        prepared = self._backend.prepare(self._model, self._params)
+        if self._kind == "ntk" and not prepared.params:
+            raise ValueError(
+                "model has no trainable parameters: the NTK is taken with respect to trainable "
+                "parameters (torch requires_grad=True, Keras/TF trainable variables, JAX params=)"
+            )
+        if prepared.batch_coupled and self._batch_independent is None:
+            raise ValueError(
+                f"model: {prepared.batch_coupled} makes examples in a batch interact, so the "
+                "per-example kernel would be wrong. Put the model in inference mode (e.g. "
+                "model.eval()), or pass batch_independent=False to compute the exact kernel of "
+                "the batch as a whole."
+            )
+        self._prepared = prepared
+
+    @property
+    def backend(self) -> AutodiffBackend | None:
+        """The resolved adapter (``None`` until it can be inferred)."""
+        return self._backend
+
+    # -- the call -------------------------------------------------------------------------
+    def __call__(self, x1: Any, x2: Any = None) -> Any:
+        """The kernel between ``x1`` and ``x2`` (``x2=None`` reuses x1's work)."""
+        if self._prepared is None:
+            self._prepare(tuple(a for a in (x1, x2) if a is not None))
+        backend, prepared = self._backend, self._prepared
+        like = next(iter(prepared.params.values()), None)
+        x1 = self._check_input("x1", x1, backend, prepared, like)
+        if x2 is not None:
+            x2 = self._check_input("x2", x2, backend, prepared, like)
+            if tuple(x2.shape[1:]) != tuple(x1.shape[1:]):
+                raise ValueError(
+                    f"x2 has per-example shape {tuple(x2.shape[1:])} but x1 has {tuple(x1.shape[1:])}; "
+                    "both batches must have the same shape apart from the batch axis 0"
+                )
+        coupled = self._batch_independent is False
+        probe = prepared.apply(prepared.params, x1 if coupled else x1[:1])
+        if not backend.is_floating(probe):
+            raise TypeError(f"model output must be floating point, got dtype {backend.dtype_name(probe)}")
+        if len(probe.shape) == 0 or probe.shape[0] != (x1.shape[0] if coupled else 1):
+            raise ValueError(
+                f"model output of shape {tuple(probe.shape)} has no leading batch axis matching x1's "
+                f"{x1.shape[0]} examples; f(params, x) must map (N, ...) to (N, *out)"
+            )
+        out_shape = tuple(int(d) for d in probe.shape[1:])
+        axes = KernelAxes.create(*self._axes_args, (x1.shape[0], *out_shape))
+        if x2 is not None and 0 in axes.diagonal and x2.shape[0] != x1.shape[0]:
+            raise ValueError(
+                f"diagonal_axes contains the batch axis 0, which pairs x1[i] with x2[i], but x1 has "
+                f"{x1.shape[0]} examples and x2 has {x2.shape[0]}"
+            )
+        key = (x2 is None, out_shape, axes, coupled, self._choose(x1, x2, out_shape, axes, prepared))
+        if key not in self._compiled:
+            self._compiled[key] = backend.jit(self._compute_fn(*key))
+        return self._compiled[key](prepared.params, x1) if x2 is None else self._compiled[key](prepared.params, x1, x2)
+
+    def _choose(self, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes, prepared: PreparedModel) -> Any:
+        if self._kind == "nngp" or self._implementation is not Implementation.AUTO:
+            return self._implementation
+        n_params = sum(math.prod(p.shape) for p in prepared.params.values())
+        n2 = x1.shape[0] if x2 is None else x2.shape[0]
+        return choose(x1.shape[0], n2, out_shape, axes, n_params)
+
+    def _compute_fn(self, self_kernel: bool, out_shape: tuple, axes: KernelAxes, coupled: bool, impl: Any) -> Callable:
+        backend, apply = self._backend, self._prepared.apply
+
+        def compute(params: Mapping[str, Any], x1: Any, x2: Any = None) -> Any:
+            xp = backend.namespace(x1)
+            shape1 = (x1.shape[0], *out_shape)
+            shape2 = shape1 if x2 is None else (x2.shape[0], *out_shape)
+            if self._kind == "nngp":
+                f1 = {"f": apply(params, x1)[..., None]}
+                f2 = f1 if x2 is None else {"f": apply(params, x2)[..., None]}
+                return jacobian_contraction.contract(xp, f1, f2, axes, shape1, shape2)
+            if impl is Implementation.NTK_VECTOR_PRODUCTS:
+                x2_ = x1 if x2 is None else x2
+                return ntk_vector_products.kernel(backend, apply, params, x1, x2_, axes, out_shape, coupled=coupled)
+            j1 = jacobian_contraction.jacobians(backend, apply, params, x1, out_shape, coupled=coupled)
+            j2 = j1 if x2 is None else jacobian_contraction.jacobians(backend, apply, params, x2, out_shape, coupled=coupled)
+            return jacobian_contraction.contract(xp, j1, j2, axes, shape1, shape2)
+
+        return compute
+
+    @staticmethod
+    def _check_input(name: str, x: Any, backend: AutodiffBackend, prepared: PreparedModel, like: Any) -> Any:
+        if like is not None:
+            try:
+                x = backend.asarray(x, like=like)
+            except TypeError as error:
+                raise TypeError(f"{name}: {error}") from None
+        if len(x.shape) == 0:
+            raise ValueError(f"{name} must have a leading batch axis, got a scalar")
+        if not backend.is_floating(x) and not prepared.accepts_integer_inputs(x):
+            raise TypeError(
+                f"{name} has dtype {backend.dtype_name(x)} but the model takes floating-point inputs "
+                f"(it has no embedding that consumes integer ids); cast {name} to the parameters' "
+                f"dtype {backend.dtype_name(like) if like is not None else ''}".rstrip()
+            )
+        return x
+
+
+def ntk_fn(
+    model: Any,
+    *,
+    params: Any = None,
+    implementation: Implementation | str = "auto",
+    trace_axes: Axes = (),
+    diagonal_axes: Axes = (),
+    backend: str | None = None,
+    batch_independent: bool | None = None,
+) -> KernelFn:
+    """A reusable ``kernel(x1, x2=None)`` computing the empirical NTK of ``model``.
+
+    Compiles and caches what its framework can (``jax.jit``, ``tf.function``). Options are
+    those of :func:`ntk`.
+    """
+    return KernelFn(
+        model,
+        params=params,
+        implementation=implementation,
+        trace_axes=trace_axes,
+        diagonal_axes=diagonal_axes,
+        backend=backend,
+        batch_independent=batch_independent,
+        kind="ntk",
+    )
+
+
+def ntk(
+    model: Any,
+    x1: Any,
+    x2: Any = None,
+    *,
+    params: Any = None,
+    implementation: Implementation | str = "auto",
+    trace_axes: Axes = (),
+    diagonal_axes: Axes = (),
+    backend: str | None = None,
+    batch_independent: bool | None = None,
+) -> Any:
+    """The empirical NTK Θ(x1, x2) = J(x1)·J(x2)ᵀ, J = ∂f/∂θ over trainable parameters θ.
+
+    Args:
+        model: a torch ``nn.Module``, a Keras 3 model or ``tf.Module``, or a JAX function
+            ``f(params, x)`` (an equinox module may be passed directly).
+        x1, x2: batches of shape (N1, ...) and (N2, ...); ``x2=None`` means x1 (work reused).
+        params: the parameters of a JAX function (any pytree); for torch/Keras, optional
+            replacement values for the trainable parameters (a ``name -> array`` map).
+        implementation: ``"jacobian_contraction"``, ``"ntk_vector_products"``, ``"auto"``.
+        trace_axes: output axes summed over their pair (a true trace), dropped from the shape.
+        diagonal_axes: output axes of which only the diagonal is kept, appearing once.
+        backend: ``"jax"``, ``"torch"``, ``"tensorflow"`` or a plugin; inferred if ``None``.
+        batch_independent: ``None`` (default) checks that examples do not interact;
+            ``False`` computes the exact kernel of a batch whose examples interact.
+
+    Returns:
+        An array of the model's framework, dtype and device, of shape (N1, N2, *out, *out)
+        before trace/diagonal reductions (see :mod:`ntkcore.axes`).
+    """
+    fn = ntk_fn(
+        model,
+        params=params,
+        implementation=implementation,
+        trace_axes=trace_axes,
+        diagonal_axes=diagonal_axes,
+        backend=backend,
+        batch_independent=batch_independent,
+    )
+    return fn(x1, x2)
+
+
+def nngp(
+    model: Any,
+    x1: Any,
+    x2: Any = None,
+    *,
+    params: Any = None,
+    trace_axes: Axes = (),
+    diagonal_axes: Axes = (),
+    backend: str | None = None,
+    batch_independent: bool | None = None,
+) -> Any:
+    """The empirical NNGP kernel f(x1)·f(x2)ᵀ, with the axis conventions of :func:`ntk`."""
+    fn = KernelFn(
+        model,
+        params=params,
+        implementation=Implementation.JACOBIAN_CONTRACTION,
+        trace_axes=trace_axes,
+        diagonal_axes=diagonal_axes,
+        backend=backend,
+        batch_independent=batch_independent,
+        kind="nngp",
+    )
+    return fn(x1, x2)
+
+
+def ntk_from_jacobians(
+    jac1: Mapping[str, Any],
+    jac2: Mapping[str, Any] | None = None,
+    *,
+    output_ndim: int,
+    trace_axes: Axes = (),
+    diagonal_axes: Axes = (),
+) -> Any:
+    """Contract explicit Jacobians ``name -> (N, *out, *param.shape)`` into the NTK.
+
+    ``output_ndim`` is the number of axes of f's output, batch axis included. Works on any
+    array-API library (numpy included), with no framework imported.
+    """
+    if not jac1:
+        raise ValueError("jac1 is empty: expected a map name -> Jacobian array")
+    jac2 = jac1 if jac2 is None else jac2
+    if set(jac1) != set(jac2):
+        raise ValueError(f"jac1 and jac2 must have the same parameter names, got {sorted(jac1)} and {sorted(jac2)}")
+    first1, first2 = next(iter(jac1.values())), jac2[next(iter(jac1))]
+    shape1, shape2 = tuple(first1.shape[:output_ndim]), tuple(first2.shape[:output_ndim])
+    for name in jac1:
+        for label, jac, shape in (("jac1", jac1[name], shape1), ("jac2", jac2[name], shape2)):
+            if tuple(jac.shape[:output_ndim]) != shape:
+                raise ValueError(f"{label}[{name!r}] has shape {tuple(jac.shape)}, expected a leading {shape}")
+        if tuple(jac1[name].shape[output_ndim:]) != tuple(jac2[name].shape[output_ndim:]):
+            raise ValueError(f"jac1[{name!r}] and jac2[{name!r}] differ in their parameter axes")
+    if shape1[1:] != shape2[1:]:
+        raise ValueError(f"jac2 has output shape {shape2[1:]} but jac1 has {shape1[1:]}")
+    axes = KernelAxes.create(trace_axes, diagonal_axes, shape1)
+    if 0 in axes.diagonal and shape1[0] != shape2[0]:
+        raise ValueError(f"diagonal_axes=(0, ...) needs as many examples in jac2 ({shape2[0]}) as in jac1 ({shape1[0]})")
+    xp = namespace_of(*jac1.values(), *jac2.values())
+    return jacobian_contraction.contract(xp, jac1, jac2, axes, shape1, shape2)
+
+
+def flatten(kernel: Any) -> Any:
+    """The (N1·O, N2·O) matrix of a kernel of shape (N1, N2, *out, *out).
+
+    Traced axes may have been dropped; diagonal axes may not (the result must be a matrix
+    over examples × outputs of each side).
+    """
+    xp = namespace_of(kernel)
+    ndim = len(kernel.shape)
+    if ndim < 2 or ndim % 2:
+        raise ValueError(
+            f"kernel of shape {tuple(kernel.shape)} is not (N1, N2, *out, *out); flatten needs a "
+            "kernel computed without diagonal_axes"
+        )
+    k = (ndim - 2) // 2
+    if tuple(kernel.shape[2 : 2 + k]) != tuple(kernel.shape[2 + k :]):
+        raise ValueError(f"kernel of shape {tuple(kernel.shape)} has different output axes on its two sides")
+    order = (0, *range(2, 2 + k), 1, *range(2 + k, ndim))
+    rows = kernel.shape[0] * math.prod(kernel.shape[2 : 2 + k])
+    cols = kernel.shape[1] * math.prod(kernel.shape[2 + k :])
+    return xp.reshape(xp.permute_dims(kernel, order), (rows, cols))

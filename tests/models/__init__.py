@@ -1,0 +1,26 @@
+"""The model zoo: one file per framework, all built from :mod:`tests.models.spec`.
+
+Each framework module exposes the same functions:
+
+- ``setup_numerics()``: float32 matmuls at full precision (no TF32), float64 enabled;
+- ``build(case, dtype) -> Built``: the case's model in that framework;
+- ``to_native(x, dtype)`` / ``to_numpy(a)``: array conversion;
+- ``reference_jacobians(case, x)``: float64 full-batch Jacobians ``name -> (N, *out, P)``
+  from the framework's own jacobian function, independent of ntkcore's algorithms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+FRAMEWORK_MODULES = {"jax": "tests.models.jax_models", "torch": "tests.models.torch_models",
+                     "tensorflow": "tests.models.tensorflow_models"}
+
+
+@dataclass
+class Built:
+    """A zoo model: what to pass to ``ntkcore.ntk`` as ``model`` and as keyword arguments."""
+
+    model: Any
+    kwargs: dict[str, Any] = field(default_factory=dict)

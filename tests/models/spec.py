@@ -1,0 +1,119 @@
+"""The model zoo, defined once: architectures in words and weights as seeded numpy arrays.
+
+Every framework file (``jax_models.py``, ``torch_models.py``, ``tensorflow_models.py``) builds
+each case from exactly these arrays, so a case's kernel is the same in every framework.
+Conventions: dense weights are (in, out) with y = x @ w + b; convolution weights are HWIO on
+NHWC inputs (a framework that wants NCHW/OIHW transposes inside the model, and flattens in
+NHWC order); every input below is the per-example shape.
+
+Cases:
+- ``mlp``: 6 → 8 → 8 → 8 → 3, ReLU after each hidden layer.
+- ``cnn``: (8, 8, 2) → zero-pad 1 → conv 3×3, 2→4 channels, stride 2 (4×4×4) → ReLU →
+  average pool 2×2 stride 2 (2×2×4) → flatten (NHWC order, 16) → dense 16 → 3.
+- ``lowrank``: h = relu(x·U1·V1 + b1) (6 → rank 2 → 8), h = relu(h·U2·V2 + b2) (8 → 2 → 8),
+  out = h·W3 + b3 (8 → 3): the factorized layers of arXiv 2210.04807.
+- ``layernorm``: dense 6 → 8 → LayerNorm (eps 1e-5, scale γ and shift β) → tanh → dense 8 → 3.
+- ``batchnorm_frozen``: dense 6 → 8 → BatchNorm in inference mode (running mean/var as
+  buffers, eps 1e-5, trainable γ, β) → ReLU → dense 8 → 8 *frozen* → ReLU → dense 8 → 3.
+  Trainable: ``l1.*``, ``bn.gamma``, ``bn.beta``, ``l3.*``; constants: ``bn.mean``,
+  ``bn.var``, ``l2.*``.
+- ``multi_output``: dense 5 → 8 → tanh → dense 8 → 6 → reshape to (3, 2): output (N, 3, 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class CaseSpec:
+    name: str
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    weights: dict[str, np.ndarray]
+    constants: tuple[str, ...] = ()  # frozen weights and buffers: not parameters of the kernel
+
+    @property
+    def n_trainable(self) -> int:
+        return sum(w.size for k, w in self.weights.items() if k not in self.constants)
+
+
+def _dense(rng: np.random.Generator, name: str, n_in: int, n_out: int) -> dict[str, np.ndarray]:
+    return {
+        f"{name}.w": rng.normal(size=(n_in, n_out)) / np.sqrt(n_in),
+        f"{name}.b": 0.1 * rng.normal(size=(n_out,)),
+    }
+
+
+def _mlp(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {**_dense(rng, "l1", 6, 8), **_dense(rng, "l2", 8, 8), **_dense(rng, "l3", 8, 8), **_dense(rng, "l4", 8, 3)}
+
+
+def _cnn(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {
+        "conv.w": rng.normal(size=(3, 3, 2, 4)) / np.sqrt(18),
+        "conv.b": 0.1 * rng.normal(size=(4,)),
+        **_dense(rng, "head", 16, 3),
+    }
+
+
+def _lowrank(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    weights = {}
+    for name, n_in in (("l1", 6), ("l2", 8)):
+        weights[f"{name}.u"] = rng.normal(size=(n_in, 2)) / np.sqrt(n_in)
+        weights[f"{name}.v"] = rng.normal(size=(2, 8)) / np.sqrt(2)
+        weights[f"{name}.b"] = 0.1 * rng.normal(size=(8,))
+    return {**weights, **_dense(rng, "l3", 8, 3)}
+
+
+def _layernorm(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {
+        **_dense(rng, "l1", 6, 8),
+        "ln.gamma": 1.0 + 0.1 * rng.normal(size=(8,)),
+        "ln.beta": 0.1 * rng.normal(size=(8,)),
+        **_dense(rng, "l2", 8, 3),
+    }
+
+
+def _batchnorm_frozen(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {
+        **_dense(rng, "l1", 6, 8),
+        "bn.gamma": 1.0 + 0.1 * rng.normal(size=(8,)),
+        "bn.beta": 0.1 * rng.normal(size=(8,)),
+        "bn.mean": 0.2 * rng.normal(size=(8,)),
+        "bn.var": 0.5 + rng.uniform(size=(8,)),
+        **_dense(rng, "l2", 8, 8),
+        **_dense(rng, "l3", 8, 3),
+    }
+
+
+def _multi_output(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {**_dense(rng, "l1", 5, 8), **_dense(rng, "l2", 8, 6)}
+
+
+_BUILDERS = {
+    "mlp": ((6,), (3,), _mlp, ()),
+    "cnn": ((8, 8, 2), (3,), _cnn, ()),
+    "lowrank": ((6,), (3,), _lowrank, ()),
+    "layernorm": ((6,), (3,), _layernorm, ()),
+    "batchnorm_frozen": ((6,), (3,), _batchnorm_frozen, ("bn.mean", "bn.var", "l2.w", "l2.b")),
+    "multi_output": ((5,), (3, 2), _multi_output, ()),
+}
+CASES = tuple(_BUILDERS)
+N1, N2 = 4, 3
+
+
+def spec(name: str) -> CaseSpec:
+    """The case ``name`` with its weights (float64; frameworks cast to the tested dtype)."""
+    input_shape, output_shape, build, constants = _BUILDERS[name]
+    rng = np.random.default_rng(sum(map(ord, name)))
+    return CaseSpec(name, input_shape, output_shape, build(rng), constants)
+
+
+def inputs(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The x1 (N1 examples) and x2 (N2 examples) of case ``name``, float64."""
+    case = spec(name)
+    rng = np.random.default_rng(1000 + sum(map(ord, name)))
+    return rng.normal(size=(N1, *case.input_shape)), rng.normal(size=(N2, *case.input_shape))
