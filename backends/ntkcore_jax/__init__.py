@@ -8,6 +8,7 @@ from typing import Any
 
 import array_api_compat
 import jax
+import jax.extend.core as jex_core
 import jax.numpy as jnp
 import numpy as np
 
@@ -61,17 +62,37 @@ def _functional(model: Any, tree: Any, trainable: Callable[[tuple, Any], bool]) 
     return apply, params
 
 
+_MASKS = {"eq", "ne", "lt", "le", "gt", "ge"}  # comparisons of ids (one-hot) are not arithmetic
+_INDEXING = {"gather", "dynamic_slice", "dynamic_update_slice", "scatter", "scatter-add", "scatter_add"}
+
+
+def _uses_as_numbers(jaxpr: Any, tainted: set) -> bool:
+    """Whether integer values derived from ``tainted`` inputs enter floating-point arithmetic."""
+    for eqn in jaxpr.eqns:
+        hits = [i for i, v in enumerate(eqn.invars) if not isinstance(v, jex_core.Literal) and v in tainted]
+        if not hits or eqn.primitive.name in _MASKS or eqn.primitive.name in _INDEXING:
+            continue
+        subs = [getattr(p, "jaxpr", p) for p in eqn.params.values()]
+        subs = [sub for sub in subs if isinstance(sub, jex_core.Jaxpr)]
+        for sub in subs:
+            if len(sub.invars) == len(eqn.invars):
+                inner = {sub.invars[i] for i in hits}
+            else:
+                inner = {v for v in sub.invars if not jnp.issubdtype(v.aval.dtype, jnp.inexact)}
+            if _uses_as_numbers(sub, inner):
+                return True
+        if not subs and any(jnp.issubdtype(v.aval.dtype, jnp.inexact) for v in eqn.outvars):
+            return True
+        tainted.update(v for v in eqn.outvars if not jnp.issubdtype(v.aval.dtype, jnp.inexact))
+    return False
+
+
 def _accepts_integer_inputs(apply: Callable, params: dict) -> Callable[[Any], bool]:
-    """Integers are ids unless the model converts them to floating point (uses them as numbers)."""
+    """Integers are ids (gathered, compared) unless the model does arithmetic with them."""
 
     def check(x: Any) -> bool:
         jaxpr = jax.make_jaxpr(apply)(params, x[:1]).jaxpr
-        x_var = jaxpr.invars[-1]
-        for eqn in jaxpr.eqns:
-            if x_var in eqn.invars and eqn.primitive.name == "convert_element_type":
-                if jnp.issubdtype(eqn.params["new_dtype"], jnp.inexact):
-                    return False
-        return True
+        return not _uses_as_numbers(jaxpr, {jaxpr.invars[-1]})
 
     return check
 

@@ -1,1 +1,234 @@
-"""placeholder"""
+"""TensorFlow adapter: Keras 3 models and layers (TensorFlow backend) and ``tf.Module``.
+
+θ is the model's ``trainable_variables``; everything else (BatchNormalization moving
+statistics, layers with ``trainable=False``) is a constant. Keras models run in inference
+mode (``training=False``) inside a ``keras.StatelessScope`` that maps each trainable
+variable to the value in the parameter map, so ``apply`` is a pure function of that map.
+A ``tf.Module`` has no such hook: its parameter map holds its own variables, which the
+autodiff functions watch directly.
+
+jvp is ``tf.autodiff.ForwardAccumulator``, vjp a persistent ``tf.GradientTape``, vmap
+``tf.vectorized_map`` (pfor, with the while-loop fallback for any op it cannot vectorise)
+and jit ``tf.function``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from ntkcore.protocol import PreparedModel
+
+from . import xp as _xp
+
+_ZERO = tf.UnconnectedGradients.ZERO
+_NUMPY_LIKE = (np.ndarray, np.generic, list, tuple, float, int)
+
+
+def _keras() -> Any:
+    return sys.modules.get("keras")
+
+
+def _is_keras_layer(model: Any) -> bool:
+    keras = _keras()
+    return keras is not None and isinstance(model, keras.Layer)
+
+
+def _is_keras_variable(x: Any) -> bool:
+    keras = _keras()
+    return keras is not None and isinstance(x, keras.Variable)
+
+
+def _unique(names: list[str]) -> list[str]:
+    used: set[str] = set()
+    out = []
+    for name in names:
+        candidate, i = name, 0
+        while candidate in used:
+            i += 1
+            candidate = f"{name}_{i}"
+        used.add(candidate)
+        out.append(candidate)
+    return out
+
+
+def _sublayers(layer: Any) -> list[Any]:
+    flatten = getattr(layer, "_flatten_layers", None)
+    if flatten is not None:
+        return list(flatten(include_self=True, recursive=True))
+    found = [layer]
+    for sub in getattr(layer, "layers", []):
+        found += _sublayers(sub)
+    return found
+
+
+def _replacement(name: str, value: Any, ref: Any) -> tf.Tensor:
+    """A replacement value for trainable variable ``ref``, checked and in its dtype."""
+    dtype = tf.as_dtype(ref.dtype)
+    if isinstance(value, (tf.Tensor, tf.Variable)) or _is_keras_variable(value):
+        value = tf.convert_to_tensor(value)
+        if value.dtype != dtype:
+            raise TypeError(f"params[{name!r}] has dtype {value.dtype.name}, but the variable is {dtype.name}")
+    elif isinstance(value, _NUMPY_LIKE):
+        value = tf.constant(np.asarray(value), dtype=dtype)
+    else:
+        raise TypeError(
+            f"params[{name!r}] must be a TensorFlow tensor or a numpy array, "
+            f"got {type(value).__module__}.{type(value).__name__}"
+        )
+    if tuple(value.shape) != tuple(ref.shape):
+        raise ValueError(f"params[{name!r}] has shape {tuple(value.shape)}, but the variable has {tuple(ref.shape)}")
+    return value
+
+
+def _prepare_keras(model: Any, params: Any) -> PreparedModel:
+    keras = _keras()
+    if keras.backend.backend() != "tensorflow":
+        raise TypeError(
+            f"the Keras backend is {keras.backend.backend()!r}, but ntkcore's TensorFlow adapter needs "
+            "Keras running on TensorFlow: set KERAS_BACKEND=tensorflow before importing keras"
+        )
+    if not model.built:
+        raise ValueError(
+            f"Keras model {model.name!r} is not built, so it has no variables yet: give it an "
+            "keras.Input or call it once on a batch before computing its kernel"
+        )
+    variables = list(model.trainable_variables)
+    names = _unique([v.path for v in variables])
+    values: dict[str, Any] = {name: v.value for name, v in zip(names, variables)}  # live tf.Variables
+    if params is not None:
+        if not isinstance(params, Mapping):
+            raise TypeError(
+                "params= for a Keras model must be a mapping name -> array of replacement values for "
+                f"its trainable variables, got {type(params).__name__}; names: {names}"
+            )
+        unknown = [k for k in params if k not in values]
+        if unknown:
+            raise ValueError(f"params= names {unknown} are not trainable variables of the model; expected some of {names}")
+        for name, value in params.items():
+            values[name] = _replacement(name, value, values[name])
+    kwargs = {"training": False} if getattr(model, "_call_has_training_arg", True) else {}
+
+    def apply(p: Mapping[str, Any], x: Any) -> Any:
+        with keras.StatelessScope(state_mapping=[(v, p[name]) for name, v in zip(names, variables)]):
+            return model(x, **kwargs)
+
+    embedding = any(isinstance(layer, keras.layers.Embedding) for layer in _sublayers(model))
+    return PreparedModel(apply, values, None, lambda x: embedding, source=model)
+
+
+def _prepare_module(model: tf.Module, params: Any) -> PreparedModel:
+    if params is not None:
+        raise TypeError(
+            "params= is not supported for a tf.Module (its variables cannot be substituted); assign the "
+            "values to its variables, or pass params=None to use them"
+        )
+    variables = list(model.trainable_variables)
+    names = _unique([v.name.split(":")[0] for v in variables])
+
+    def apply(p: Mapping[str, Any], x: Any) -> Any:
+        # p holds the module's own variables (watched by jvp/vjp); the module reads them itself
+        return model(x)
+
+    return PreparedModel(apply, dict(zip(names, variables)), None, lambda x: False, source=model)
+
+
+class TensorFlowBackend:
+    """Autodiff interface on tf.GradientTape, ForwardAccumulator, vectorized_map, tf.function."""
+
+    name = "tensorflow"
+
+    def owns(self, model: Any, params: Any, arrays: tuple[Any, ...]) -> bool:
+        if _is_keras_layer(model) or isinstance(model, tf.Module):
+            return True
+        try:
+            leaves = tf.nest.flatten(params) if params is not None else []
+        except Exception:  # noqa: BLE001 - a structure tf.nest cannot walk is not ours
+            leaves = []
+        return any(isinstance(a, (tf.Tensor, tf.Variable)) or _is_keras_variable(a) for a in [*leaves, *arrays])
+
+    def prepare(self, model: Any, params: Any) -> PreparedModel:
+        if _is_keras_layer(model):
+            return _prepare_keras(model, params)
+        if isinstance(model, tf.Module):
+            return _prepare_module(model, params)
+        raise TypeError(
+            f"model must be a Keras 3 model/layer or a tf.Module for the TensorFlow backend, got "
+            f"{type(model).__module__}.{type(model).__name__}"
+        )
+
+    def namespace(self, *arrays: Any) -> Any:
+        return _xp
+
+    def asarray(self, x: Any, *, like: Any) -> Any:
+        if isinstance(x, tf.Tensor):
+            return x
+        if isinstance(x, tf.Variable) or _is_keras_variable(x):
+            return tf.convert_to_tensor(x)
+        if not isinstance(x, _NUMPY_LIKE):
+            raise TypeError(
+                "expected a TensorFlow tensor or a numpy array for a TensorFlow/Keras model, got "
+                f"{type(x).__module__}.{type(x).__name__}"
+            )
+        x = np.asarray(x)
+        return tf.constant(x, dtype=tf.as_dtype(like.dtype) if np.issubdtype(x.dtype, np.floating) else None)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        return np.asarray(x.numpy() if hasattr(x, "numpy") else x)
+
+    def is_floating(self, x: Any) -> bool:
+        return bool(tf.as_dtype(x.dtype).is_floating)
+
+    def dtype_name(self, x: Any) -> str:
+        return tf.as_dtype(x.dtype).name
+
+    def jvp(self, fn: Callable, primals: Mapping[str, Any], tangents: Mapping[str, Any]) -> tuple[Any, Any]:
+        keys = list(primals)
+        sources = [primals[k] for k in keys]
+        directions = [tf.cast(tangents[k], tf.as_dtype(primals[k].dtype)) for k in keys]
+        with tf.autodiff.ForwardAccumulator(sources, directions) as acc:
+            out = fn(dict(zip(keys, sources)))
+        return out, acc.jvp(out, unconnected_gradients=_ZERO)
+
+    def vjp(self, fn: Callable, primals: Mapping[str, Any]) -> tuple[Any, Callable]:
+        keys = list(primals)
+        sources = [primals[k] for k in keys]
+        with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
+            tape.watch(sources)
+            out = fn(dict(zip(keys, sources)))
+
+        def pullback(cotangent: Any) -> dict[str, Any]:
+            grads = tape.gradient(out, sources, output_gradients=cotangent, unconnected_gradients=_ZERO)
+            # an embedding's gradient is IndexedSlices: densify
+            return {k: tf.convert_to_tensor(g) for k, g in zip(keys, grads)}
+
+        return out, pullback
+
+    def vmap(self, fn: Callable, in_axes: tuple[int | None, ...]) -> Callable:
+        mapped = [i for i, axis in enumerate(in_axes) if axis is not None]
+        if any(in_axes[i] != 0 for i in mapped) or not mapped:
+            raise NotImplementedError(f"the TensorFlow adapter maps over axis 0 of at least one argument, got {in_axes}")
+
+        def vectorised(*args: Any) -> Any:
+            if len(args) != len(in_axes):
+                raise TypeError(f"vmap'd function takes {len(in_axes)} arguments, got {len(args)}")
+
+            def body(elems: tuple) -> Any:
+                full = list(args)
+                for i, e in zip(mapped, elems):
+                    full[i] = e
+                return fn(*full)
+
+            return tf.vectorized_map(body, tuple(args[i] for i in mapped), fallback_to_while_loop=True)
+
+        return vectorised
+
+    def jit(self, fn: Callable) -> Callable:
+        return tf.function(fn, autograph=False)
+
+    def capture(self, prepared: PreparedModel, x: Any) -> Any:
+        raise NotImplementedError("per-layer capture for TensorFlow arrives with structured derivatives")

@@ -54,15 +54,21 @@ class TorchBackend:
                     "no well-defined kernel; call model.eval() first"
                 )
         theta = _trainable(model, params)
+        coupling = _batch_coupling(model)
+        buffers = dict(model.named_buffers()) if coupling else {}
 
         def apply(p: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-            return torch.func.functional_call(model, dict(p), (x,))
+            # Train-mode BatchNorm updates its running statistics in place: give it fresh copies,
+            # so the kernel has no side effect on the model and the transforms see no mutation
+            # of a captured tensor.
+            fresh = {name: b.clone() for name, b in buffers.items()}
+            return torch.func.functional_call(model, {**fresh, **p}, (x,))
 
         has_embedding = any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in model.modules())
         return PreparedModel(
             apply,
             theta,
-            batch_coupled=_batch_coupling(model),
+            batch_coupled=coupling,
             accepts_integer_inputs=lambda x: has_embedding,
             source=model,
         )

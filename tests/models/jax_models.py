@@ -100,3 +100,21 @@ def reference_jacobians(case: str, x: np.ndarray) -> dict[str, np.ndarray]:
         ".".join(k.key for k in path): np.asarray(leaf).reshape(leaf.shape[:n_out] + (-1,))
         for path, leaf in flat
     }
+
+
+def is_native(a, dtype: str) -> bool:
+    return isinstance(a, jax.Array) and a.dtype == DTYPES[dtype]
+
+
+def forward(built: Built, x: np.ndarray) -> jax.Array:
+    params = built.kwargs["params"]
+    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    return built.model(params, jnp.asarray(x, dtype=dtype))
+
+
+def freeze(built: Built) -> Built:
+    """A JAX function whose params hold no floating leaf: nothing to differentiate."""
+    return Built(built.model, {"params": {}})
+
+
+train_mode_batchnorm = None  # plain JAX functions carry no train/eval mode

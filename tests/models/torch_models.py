@@ -135,3 +135,36 @@ def reference_jacobians(case: str, x: np.ndarray) -> dict[str, np.ndarray]:
     jac = torch.autograd.functional.jacobian(f, params)
     n_out = len(spec(case).output_shape) + 1
     return {n: j.reshape(*j.shape[:n_out], -1).numpy() for n, j in zip(names, jac)}
+
+
+def is_native(a, dtype: str) -> bool:
+    return isinstance(a, torch.Tensor) and a.dtype == DTYPES[dtype]
+
+
+def forward(built: Built, x: np.ndarray) -> torch.Tensor:
+    dtype = next(built.model.parameters()).dtype
+    with torch.no_grad():
+        return built.model(torch.as_tensor(x, dtype=dtype))
+
+
+def freeze(built: Built) -> Built:
+    """The same model with no trainable parameter."""
+    import copy
+
+    return Built(copy.deepcopy(built.model).requires_grad_(False), built.kwargs)
+
+
+def train_mode_batchnorm(dtype: str) -> tuple[Built, object]:
+    """``batchnorm_frozen`` in training mode, and its full-batch float64 reference Jacobians."""
+
+    def reference(x: np.ndarray) -> dict[str, np.ndarray]:
+        model = _module("batchnorm_frozen").train()
+        names = [name for name, p in model.named_parameters() if p.requires_grad]
+        values = tuple(dict(model.named_parameters())[n].detach() for n in names)
+        xt = torch.as_tensor(x, dtype=torch.float64)
+        jac = torch.autograd.functional.jacobian(
+            lambda *v: torch.func.functional_call(model, dict(zip(names, v)), (xt,)), values
+        )
+        return {n: j.reshape(*j.shape[:2], -1).numpy() for n, j in zip(names, jac)}
+
+    return Built(_module("batchnorm_frozen").to(DTYPES[dtype]).train()), reference

@@ -1,0 +1,56 @@
+"""A minimal array-API shim over TensorFlow: the functions the core calls, nothing more.
+
+array-api-compat does not cover TensorFlow, so the adapter's ``namespace`` returns this
+module. Native ``tf.Tensor`` indexing already covers the slicing the core uses
+(``[..., ::k]``, ``[None, ...]``, ``[0, ...]``, ``[:1]``). ``device=`` is accepted and
+ignored: TensorFlow places tensors itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import tensorflow as tf
+
+__all__ = ["asarray", "astype", "eye", "matmul", "permute_dims", "reshape", "sum"]
+
+float32, float64 = tf.float32, tf.float64
+
+
+def _shape(shape: Sequence[int]) -> Any:
+    # an empty tuple would convert to a float tensor; the shape must be integer
+    return tf.constant([int(d) for d in shape], dtype=tf.int64) if len(shape) == 0 else [int(d) for d in shape]
+
+
+def reshape(x: Any, /, shape: Sequence[int], *, copy: bool | None = None) -> tf.Tensor:
+    return tf.reshape(x, _shape(shape))
+
+
+def permute_dims(x: Any, /, axes: Sequence[int]) -> tf.Tensor:
+    return tf.transpose(x, perm=[int(a) for a in axes])
+
+
+def matmul(x1: Any, x2: Any, /) -> tf.Tensor:
+    return tf.linalg.matmul(x1, x2)
+
+
+def sum(x: Any, /, *, axis: int | Sequence[int] | None = None, dtype: Any = None, keepdims: bool = False) -> tf.Tensor:  # noqa: A001
+    if dtype is not None:
+        x = tf.cast(x, dtype)
+    return tf.reduce_sum(x, axis=axis, keepdims=keepdims)
+
+
+def eye(n_rows: int, n_cols: int | None = None, /, *, k: int = 0, dtype: Any = None, device: Any = None) -> tf.Tensor:
+    if k != 0:
+        raise NotImplementedError("the TensorFlow shim's eye supports only k=0")
+    return tf.eye(int(n_rows), None if n_cols is None else int(n_cols), dtype=dtype or tf.float32)
+
+
+def asarray(obj: Any, /, *, dtype: Any = None, device: Any = None, copy: bool | None = None) -> tf.Tensor:
+    return tf.convert_to_tensor(obj, dtype=dtype)
+
+
+def astype(x: Any, dtype: Any, /, *, copy: bool = True, device: Any = None) -> tf.Tensor:
+    return tf.cast(x, dtype)
+

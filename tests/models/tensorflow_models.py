@@ -1,0 +1,114 @@
+"""The zoo in TensorFlow: Keras 3 ``Sequential`` models (TensorFlow backend) built from the spec's weights."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from . import Built
+from .spec import spec
+
+DTYPES = {"float32": tf.float32, "float64": tf.float64}
+# Keras variable name -> the spec's short name (others are the same in both)
+_SPEC_NAME = {"kernel": "w", "bias": "b", "moving_mean": "mean", "moving_variance": "var"}
+
+
+def setup_numerics() -> None:
+    tf.config.experimental.enable_tensor_float_32_execution(False)
+
+
+def to_native(x: np.ndarray, dtype: str) -> tf.Tensor:
+    return tf.constant(x, dtype=DTYPES[dtype] if np.issubdtype(x.dtype, np.floating) else None)
+
+
+def to_numpy(a: tf.Tensor) -> np.ndarray:
+    return np.asarray(a.numpy() if hasattr(a, "numpy") else a)
+
+
+class LowRank(keras.layers.Layer):
+    """A factorized dense layer x·U·V + b (arXiv 2210.04807)."""
+
+    def __init__(self, rank: int, units: int, **kwargs):
+        super().__init__(**kwargs)
+        self.rank, self.units = rank, units
+
+    def build(self, input_shape):
+        self.u = self.add_weight(shape=(input_shape[-1], self.rank), name="u")
+        self.v = self.add_weight(shape=(self.rank, self.units), name="v")
+        self.b = self.add_weight(shape=(self.units,), name="b", initializer="zeros")
+
+    def call(self, x):
+        return keras.ops.matmul(keras.ops.matmul(x, self.u), self.v) + self.b
+
+
+def _layers(case: str, dtype: str) -> list:
+    L = keras.layers
+    kw = {"dtype": dtype}
+    if case == "mlp":
+        return [*(L.Dense(8, activation="relu", name=n, **kw) for n in ("l1", "l2", "l3")), L.Dense(3, name="l4", **kw)]
+    if case == "cnn":
+        return [
+            L.ZeroPadding2D(1, **kw),
+            L.Conv2D(4, 3, strides=2, padding="valid", activation="relu", name="conv", **kw),
+            L.AveragePooling2D(2, **kw),
+            L.Flatten(**kw),
+            L.Dense(3, name="head", **kw),
+        ]
+    if case == "lowrank":
+        return [
+            LowRank(2, 8, name="l1", **kw), L.ReLU(**kw),
+            LowRank(2, 8, name="l2", **kw), L.ReLU(**kw),
+            L.Dense(3, name="l3", **kw),
+        ]
+    if case == "layernorm":
+        return [
+            L.Dense(8, name="l1", **kw),
+            L.LayerNormalization(epsilon=1e-5, name="ln", **kw),
+            L.Activation("tanh", **kw),
+            L.Dense(3, name="l2", **kw),
+        ]
+    if case == "batchnorm_frozen":
+        return [
+            L.Dense(8, name="l1", **kw),
+            L.BatchNormalization(epsilon=1e-5, name="bn", **kw),
+            L.ReLU(**kw),
+            L.Dense(8, activation="relu", name="l2", trainable=False, **kw),
+            L.Dense(3, name="l3", **kw),
+        ]
+    if case == "multi_output":
+        return [L.Dense(8, activation="tanh", name="l1", **kw), L.Dense(6, name="l2", **kw), L.Reshape((3, 2), **kw)]
+    raise KeyError(case)
+
+
+def _spec_key(variable) -> str:
+    layer, name = variable.path.split("/")[-2:]
+    return f"{layer}.{_SPEC_NAME.get(name, name)}"
+
+
+def build(case: str, dtype: str) -> Built:
+    s = spec(case)
+    model = keras.Sequential([keras.Input(s.input_shape, dtype=dtype), *_layers(case, dtype)], name=case)
+    assigned = set()
+    for variable in model.weights:
+        key = _spec_key(variable)
+        variable.assign(s.weights[key].astype(dtype))
+        assigned.add(key)
+    if assigned != set(s.weights):
+        raise AssertionError(f"{case}: Keras weights {sorted(assigned)} != spec weights {sorted(s.weights)}")
+    trainable = {_spec_key(v) for v in model.trainable_variables}
+    if trainable != set(s.weights) - set(s.constants):
+        raise AssertionError(f"{case}: trainable {sorted(trainable)} do not match the spec's constants {s.constants}")
+    return Built(model, {})
+
+
+def reference_jacobians(case: str, x: np.ndarray) -> dict[str, np.ndarray]:
+    model = build(case, "float64").model
+    variables = model.trainable_variables
+    with tf.GradientTape(persistent=True) as tape:
+        out = model(tf.constant(x, dtype=tf.float64), training=False)
+    jac = {}
+    for variable in variables:
+        j = tape.jacobian(out, variable.value, experimental_use_pfor=False)
+        jac[_spec_key(variable)] = j.numpy().reshape(tuple(out.shape) + (-1,))
+    return jac
