@@ -136,7 +136,11 @@ class KernelFn:
                 x2_ = x1 if x2 is None else x2
                 return ntk_vector_products.kernel(backend, apply, params, x1, x2_, axes, out_shape, coupled=coupled)
             j1 = jacobian_contraction.jacobians(backend, apply, params, x1, out_shape, coupled=coupled)
-            j2 = j1 if x2 is None else jacobian_contraction.jacobians(backend, apply, params, x2, out_shape, coupled=coupled)
+            j2 = (
+                j1
+                if x2 is None
+                else jacobian_contraction.jacobians(backend, apply, params, x2, out_shape, coupled=coupled)
+            )
             return jacobian_contraction.contract(xp, j1, j2, axes, shape1, shape2)
 
         return compute
@@ -284,7 +288,9 @@ def ntk_from_jacobians(
         raise ValueError(f"jac2 has output shape {shape2[1:]} but jac1 has {shape1[1:]}")
     axes = KernelAxes.create(trace_axes, diagonal_axes, shape1)
     if 0 in axes.diagonal and shape1[0] != shape2[0]:
-        raise ValueError(f"diagonal_axes=(0, ...) needs as many examples in jac2 ({shape2[0]}) as in jac1 ({shape1[0]})")
+        raise ValueError(
+            f"diagonal_axes=(0, ...) needs as many examples in jac2 ({shape2[0]}) as in jac1 ({shape1[0]})"
+        )
     xp = namespace_of(*jac1.values(), *jac2.values())
     return jacobian_contraction.contract(xp, jac1, jac2, axes, shape1, shape2)
 

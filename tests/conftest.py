@@ -48,8 +48,9 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"backend(s) {missing} were requested but their framework is not installed")
     active = [n for n in ALL_BACKENDS if n in names and n not in missing]
     config.ntkcore_backends = active
-    config.ntkcore_skipped = {n: ("not requested" if n not in names else "not installed") for n in ALL_BACKENDS
-                              if n not in active}
+    config.ntkcore_skipped = {
+        n: ("not requested" if n not in names else "not installed") for n in ALL_BACKENDS if n not in active
+    }
     for name in active:  # import order matters: torch before TensorFlow
         importlib.import_module(FRAMEWORK_MODULES[name]).setup_numerics()
 

@@ -143,7 +143,9 @@ class JaxBackend:
         if isinstance(x, jax.Array):
             return x
         if not isinstance(x, (np.ndarray, np.generic, list, tuple)):
-            raise TypeError(f"expected a JAX or numpy array for a JAX model, got {type(x).__module__}.{type(x).__name__}")
+            raise TypeError(
+                f"expected a JAX or numpy array for a JAX model, got {type(x).__module__}.{type(x).__name__}"
+            )
         x = np.asarray(x)
         dtype = like.dtype if np.issubdtype(x.dtype, np.floating) else None
         return jnp.asarray(x, dtype=dtype)

@@ -36,7 +36,7 @@ def test_axis_in_trace_and_diagonal(backend, zoo):
 
 
 def test_integer_inputs_to_float_model(backend, zoo):
-    built, x1, _ = _mlp(zoo)
+    built, _, _ = _mlp(zoo)
     integers = zoo.to_native(np.arange(24).reshape(4, 6), "float64")
     with pytest.raises(TypeError, match=r"x1 has dtype int\w* but the model takes floating-point inputs"):
         ntkcore.ntk(built.model, integers, **built.kwargs)
@@ -72,10 +72,11 @@ def test_batch_coupled_model(backend, zoo):
         pytest.skip(f"{backend} models carry no train/eval mode to detect")
     built, reference = zoo.train_mode_batchnorm("float64")
     x1, x2 = inputs("batchnorm_frozen")
-    with pytest.raises(ValueError, match="training mode .* batch_independent=False"):
+    with pytest.raises(ValueError, match=r"training mode .* batch_independent=False"):
         ntkcore.ntk(built.model, x1, x2)
     expected = reference_kernel(reference(x1), reference(x2), output_ndim=2, trace_axes=(-1,))
     for implementation in ("jacobian_contraction", "ntk_vector_products"):
-        kernel = ntkcore.ntk(built.model, x1, x2, trace_axes=(-1,), implementation=implementation,
-                             batch_independent=False)
+        kernel = ntkcore.ntk(
+            built.model, x1, x2, trace_axes=(-1,), implementation=implementation, batch_independent=False
+        )
         np.testing.assert_allclose(zoo.to_numpy(kernel), expected, rtol=1e-10, atol=1e-12)

@@ -51,7 +51,10 @@ def test_flax_apply_with_batch_stats(jax_zoo):
     x1, x2 = (jnp.asarray(a) for a in inputs("mlp"))
     model = Net()
     variables = model.init(jax.random.PRNGKey(0), x1)
-    variables = {**variables, "batch_stats": jax.tree_util.tree_map(lambda a: (a + 0.3).astype(jnp.float64), variables["batch_stats"])}
+    variables = {
+        **variables,
+        "batch_stats": jax.tree_util.tree_map(lambda a: (a + 0.3).astype(jnp.float64), variables["batch_stats"]),
+    }
     kernel = ntkcore.ntk(model.apply, x1, x2, params=variables)
 
     def f(p, x):

@@ -53,8 +53,9 @@ def reference(zoo, case: str, x1: np.ndarray, x2: np.ndarray | None, axes: str) 
 def compute(zoo, case: str, dtype: str, x1, x2, implementation: str, axes: str):
     built = zoo.build(case, dtype)
     native2 = None if x2 is None else zoo.to_native(x2, dtype)
-    return ntkcore.ntk(built.model, zoo.to_native(x1, dtype), native2, implementation=implementation,
-                       **AXES[axes], **built.kwargs)
+    return ntkcore.ntk(
+        built.model, zoo.to_native(x1, dtype), native2, implementation=implementation, **AXES[axes], **built.kwargs
+    )
 
 
 def assert_close(actual: np.ndarray, expected: np.ndarray, rtol: float) -> None:
@@ -73,8 +74,9 @@ def test_kernel_float64(backend, zoo, case, implementation, axes, x2_mode):
     assert zoo.is_native(kernel, "float64"), f"result is {type(kernel)}, not a {backend} float64 array"
     n1, n2 = len(x1), len(x1) if x2 is None else len(x2)
     out = spec(case).output_shape
-    expected_shape = ntkcore.KernelAxes.create(AXES[axes].get("trace_axes", ()), AXES[axes].get("diagonal_axes", ()),
-                                               (n1, *out)).kernel_shape((n1, *out), (n2, *out))
+    expected_shape = ntkcore.KernelAxes.create(
+        AXES[axes].get("trace_axes", ()), AXES[axes].get("diagonal_axes", ()), (n1, *out)
+    ).kernel_shape((n1, *out), (n2, *out))
     result = zoo.to_numpy(kernel)
     assert result.shape == expected_shape
     assert_close(result, reference(zoo, case, x1, x2, axes), RTOL["float64"])
@@ -115,8 +117,9 @@ def test_ntk_fn_reuses_and_matches(backend, zoo, case):
 def test_nngp(backend, zoo, case):
     built = zoo.build(case, "float64")
     x1, x2 = inputs(case)
-    kernel = ntkcore.nngp(built.model, zoo.to_native(x1, "float64"), zoo.to_native(x2, "float64"),
-                          trace_axes=(-1,), **built.kwargs)
+    kernel = ntkcore.nngp(
+        built.model, zoo.to_native(x1, "float64"), zoo.to_native(x2, "float64"), trace_axes=(-1,), **built.kwargs
+    )
     f1 = zoo.to_numpy(zoo.forward(built, x1))
     f2 = zoo.to_numpy(zoo.forward(built, x2))
     expected = np.einsum("i...k,j...k->ij...", f1, f2) if f1.ndim == 2 else np.einsum("iak,jbk->ijab", f1, f2)

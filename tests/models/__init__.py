@@ -14,8 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-FRAMEWORK_MODULES = {"jax": "tests.models.jax_models", "torch": "tests.models.torch_models",
-                     "tensorflow": "tests.models.tensorflow_models"}
+FRAMEWORK_MODULES = {
+    "jax": "tests.models.jax_models",
+    "torch": "tests.models.torch_models",
+    "tensorflow": "tests.models.tensorflow_models",
+}
 
 
 @dataclass

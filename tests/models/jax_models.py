@@ -31,26 +31,36 @@ def _dense(p: dict, name: str, x: jax.Array) -> jax.Array:
 
 def _forward(case: str, consts: dict):
     if case == "mlp":
+
         def f(p, x):
             for name in ("l1", "l2", "l3"):
                 x = jax.nn.relu(_dense(p, name, x))
             return _dense(p, "l4", x)
     elif case == "cnn":
+
         def f(p, x):
-            y = jax.lax.conv_general_dilated(
-                x, p["conv"]["w"], window_strides=(2, 2), padding=((1, 1), (1, 1)),
-                dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            ) + p["conv"]["b"]
+            y = (
+                jax.lax.conv_general_dilated(
+                    x,
+                    p["conv"]["w"],
+                    window_strides=(2, 2),
+                    padding=((1, 1), (1, 1)),
+                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                )
+                + p["conv"]["b"]
+            )
             y = jax.nn.relu(y)
             n, h, w, c = y.shape
             y = y.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
             return _dense(p, "head", y.reshape(n, -1))
     elif case == "lowrank":
+
         def f(p, x):
             for name in ("l1", "l2"):
                 x = jax.nn.relu(x @ p[name]["u"] @ p[name]["v"] + p[name]["b"])
             return _dense(p, "l3", x)
     elif case == "layernorm":
+
         def f(p, x):
             h = _dense(p, "l1", x)
             mu = h.mean(-1, keepdims=True)
@@ -58,12 +68,14 @@ def _forward(case: str, consts: dict):
             h = (h - mu) / jnp.sqrt(var + 1e-5) * p["ln"]["gamma"] + p["ln"]["beta"]
             return _dense(p, "l2", jnp.tanh(h))
     elif case == "batchnorm_frozen":
+
         def f(p, x):
             h = _dense(p, "l1", x)
             h = (h - consts["bn.mean"]) / jnp.sqrt(consts["bn.var"] + 1e-5) * p["bn"]["gamma"] + p["bn"]["beta"]
             h = jax.nn.relu(jax.nn.relu(h) @ consts["l2.w"] + consts["l2.b"])
             return _dense(p, "l3", h)
     elif case == "multi_output":
+
         def f(p, x):
             return _dense(p, "l2", jnp.tanh(_dense(p, "l1", x))).reshape(x.shape[0], 3, 2)
     else:
@@ -96,10 +108,7 @@ def reference_jacobians(case: str, x: np.ndarray) -> dict[str, np.ndarray]:
     jac = jax.jacrev(f)(params, jnp.asarray(x, dtype=jnp.float64))
     n_out = len(spec(case).output_shape) + 1
     flat = jax.tree_util.tree_flatten_with_path(jac)[0]
-    return {
-        ".".join(k.key for k in path): np.asarray(leaf).reshape(leaf.shape[:n_out] + (-1,))
-        for path, leaf in flat
-    }
+    return {".".join(k.key for k in path): np.asarray(leaf).reshape((*leaf.shape[:n_out], -1)) for path, leaf in flat}
 
 
 def is_native(a, dtype: str) -> bool:

@@ -87,15 +87,23 @@ def _build_module(case: str) -> nn.Module:
     w = spec(case).weights
     if case == "mlp":
         return nn.Sequential(
-            _linear(w["l1.w"], w["l1.b"]), nn.ReLU(), _linear(w["l2.w"], w["l2.b"]), nn.ReLU(),
-            _linear(w["l3.w"], w["l3.b"]), nn.ReLU(), _linear(w["l4.w"], w["l4.b"]),
+            _linear(w["l1.w"], w["l1.b"]),
+            nn.ReLU(),
+            _linear(w["l2.w"], w["l2.b"]),
+            nn.ReLU(),
+            _linear(w["l3.w"], w["l3.b"]),
+            nn.ReLU(),
+            _linear(w["l4.w"], w["l4.b"]),
         )
     if case == "cnn":
         return ConvNet(w)
     if case == "lowrank":
         return nn.Sequential(
-            LowRankLinear(w["l1.u"], w["l1.v"], w["l1.b"]), nn.ReLU(),
-            LowRankLinear(w["l2.u"], w["l2.v"], w["l2.b"]), nn.ReLU(), _linear(w["l3.w"], w["l3.b"]),
+            LowRankLinear(w["l1.u"], w["l1.v"], w["l1.b"]),
+            nn.ReLU(),
+            LowRankLinear(w["l2.u"], w["l2.v"], w["l2.b"]),
+            nn.ReLU(),
+            _linear(w["l3.w"], w["l3.b"]),
         )
     if case == "layernorm":
         norm = nn.LayerNorm(8, eps=1e-5)
@@ -111,8 +119,9 @@ def _build_module(case: str) -> nn.Module:
             norm.running_mean.copy_(torch.as_tensor(w["bn.mean"]))
             norm.running_var.copy_(torch.as_tensor(w["bn.var"]))
         frozen = _linear(w["l2.w"], w["l2.b"]).requires_grad_(False)
-        model = nn.Sequential(_linear(w["l1.w"], w["l1.b"]), norm, nn.ReLU(), frozen, nn.ReLU(),
-                              _linear(w["l3.w"], w["l3.b"]))
+        model = nn.Sequential(
+            _linear(w["l1.w"], w["l1.b"]), norm, nn.ReLU(), frozen, nn.ReLU(), _linear(w["l3.w"], w["l3.b"])
+        )
         return model.eval()
     if case == "multi_output":
         return nn.Sequential(_linear(w["l1.w"], w["l1.b"]), nn.Tanh(), _linear(w["l2.w"], w["l2.b"]), Reshape(3, 2))
