@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -14,6 +15,51 @@ from .protocol import AutodiffBackend, PreparedModel
 from .registry import detect_backend, get_backend
 
 Axes = int | Sequence[int]
+
+
+_COMPILED: OrderedDict = OrderedDict()
+_COMPILED_SIZE = 64
+
+
+def _build_compute(backend: AutodiffBackend, apply: Any, kind: str, key: tuple) -> Callable:
+    """The kernel computation for one set of static options (before compilation)."""
+    _, out_shape, axes, coupled, impl = key
+
+    def compute(params: Mapping[str, Any], x1: Any, x2: Any = None) -> Any:
+        xp = backend.namespace(x1)
+        shape1 = (x1.shape[0], *out_shape)
+        shape2 = shape1 if x2 is None else (x2.shape[0], *out_shape)
+        if kind == "nngp":
+            f1 = {"f": apply(params, x1)[..., None]}
+            f2 = f1 if x2 is None else {"f": apply(params, x2)[..., None]}
+            return jacobian_contraction.contract(xp, f1, f2, axes, shape1, shape2)
+        if impl is Implementation.NTK_VECTOR_PRODUCTS:
+            x2_ = x1 if x2 is None else x2
+            return ntk_vector_products.kernel(backend, apply, params, x1, x2_, axes, out_shape, coupled=coupled)
+        j1 = jacobian_contraction.jacobians(backend, apply, params, x1, out_shape, coupled=coupled)
+        j2 = (
+            j1 if x2 is None else jacobian_contraction.jacobians(backend, apply, params, x2, out_shape, coupled=coupled)
+        )
+        return jacobian_contraction.contract(xp, j1, j2, axes, shape1, shape2)
+
+    return compute
+
+
+def _compiled_kernel(backend: AutodiffBackend, apply: Any, kind: str, key: tuple) -> Callable:
+    """The compiled kernel for this ``apply`` and options, shared by every call that has them.
+
+    Keyed by the identity of ``apply``: adapters that return the same ``apply`` for the same
+    model (and constants) let repeated ``ntk()`` calls skip recompilation. Parameters and
+    inputs are arguments of the compiled function, never baked in.
+    """
+    cache_key = (backend.name, apply, kind, key)
+    if cache_key in _COMPILED:
+        _COMPILED.move_to_end(cache_key)
+    else:
+        _COMPILED[cache_key] = backend.jit(_build_compute(backend, apply, kind, key))
+        while len(_COMPILED) > _COMPILED_SIZE:
+            _COMPILED.popitem(last=False)
+    return _COMPILED[cache_key]
 
 
 class KernelFn:
@@ -50,7 +96,6 @@ class KernelFn:
         self._kind = kind
         self._backend: AutodiffBackend | None = get_backend(backend) if backend is not None else None
         self._prepared: PreparedModel | None = None
-        self._compiled: dict[Any, Callable[..., Any]] = {}
         if self._backend is not None:
             self._prepare()
 
@@ -110,9 +155,8 @@ class KernelFn:
                 f"{x1.shape[0]} examples and x2 has {x2.shape[0]}"
             )
         key = (x2 is None, out_shape, axes, coupled, self._choose(x1, x2, out_shape, axes, prepared))
-        if key not in self._compiled:
-            self._compiled[key] = backend.jit(self._compute_fn(*key))
-        return self._compiled[key](prepared.params, x1) if x2 is None else self._compiled[key](prepared.params, x1, x2)
+        compiled = _compiled_kernel(backend, prepared.apply, self._kind, key)
+        return compiled(prepared.params, x1) if x2 is None else compiled(prepared.params, x1, x2)
 
     def _choose(self, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes, prepared: PreparedModel) -> Any:
         if self._kind == "nngp" or self._implementation is not Implementation.AUTO:
@@ -120,30 +164,6 @@ class KernelFn:
         n_params = sum(math.prod(p.shape) for p in prepared.params.values())
         n2 = x1.shape[0] if x2 is None else x2.shape[0]
         return choose(x1.shape[0], n2, out_shape, axes, n_params)
-
-    def _compute_fn(self, self_kernel: bool, out_shape: tuple, axes: KernelAxes, coupled: bool, impl: Any) -> Callable:
-        backend, apply = self._backend, self._prepared.apply
-
-        def compute(params: Mapping[str, Any], x1: Any, x2: Any = None) -> Any:
-            xp = backend.namespace(x1)
-            shape1 = (x1.shape[0], *out_shape)
-            shape2 = shape1 if x2 is None else (x2.shape[0], *out_shape)
-            if self._kind == "nngp":
-                f1 = {"f": apply(params, x1)[..., None]}
-                f2 = f1 if x2 is None else {"f": apply(params, x2)[..., None]}
-                return jacobian_contraction.contract(xp, f1, f2, axes, shape1, shape2)
-            if impl is Implementation.NTK_VECTOR_PRODUCTS:
-                x2_ = x1 if x2 is None else x2
-                return ntk_vector_products.kernel(backend, apply, params, x1, x2_, axes, out_shape, coupled=coupled)
-            j1 = jacobian_contraction.jacobians(backend, apply, params, x1, out_shape, coupled=coupled)
-            j2 = (
-                j1
-                if x2 is None
-                else jacobian_contraction.jacobians(backend, apply, params, x2, out_shape, coupled=coupled)
-            )
-            return jacobian_contraction.contract(xp, j1, j2, axes, shape1, shape2)
-
-        return compute
 
     @staticmethod
     def _check_input(name: str, x: Any, backend: AutodiffBackend, prepared: PreparedModel, like: Any) -> Any:

@@ -35,8 +35,7 @@ def demo_weights(widths: list[int], seed: int = 0) -> list[tuple[np.ndarray, np.
     """He-initialised dense weights (in, out) and small biases, from a seeded numpy RNG."""
     rng = np.random.default_rng(seed)
     return [
-        (rng.normal(size=(a, b)) * np.sqrt(2.0 / a), 0.1 * rng.normal(size=(b,)))
-        for a, b in itertools.pairwise(widths)
+        (rng.normal(size=(a, b)) * np.sqrt(2.0 / a), 0.1 * rng.normal(size=(b,))) for a, b in itertools.pairwise(widths)
     ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -42,16 +43,28 @@ def _is_trainable_leaf(leaf: Any) -> bool:
     return hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.inexact)
 
 
+_IMMUTABLE = (jax.Array, bool, int, float, complex, str, type(None))
+_APPLY_CACHE: OrderedDict = OrderedDict()  # so that repeated calls reuse compiled kernels
+_APPLY_CACHE_SIZE = 32
+
+
 def _functional(model: Any, tree: Any, trainable: Callable[[tuple, Any], bool]) -> tuple[Callable, dict]:
-    """Split ``tree`` into an ordered trainable map and constants; ``apply`` rebuilds it."""
+    """Split ``tree`` into an ordered trainable map and constants; ``apply`` rebuilds it.
+
+    The same model with the same structure and the same (immutable) constants gets the same
+    ``apply`` back, so the core's cache of compiled kernels hits across ``ntk()`` calls.
+    """
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    names, slots, constants = [], [], []
-    for i, (path, leaf) in enumerate(flat):
-        if trainable(path, leaf):
-            names.append(_path_name(path))
-            slots.append(i)
-        constants.append(leaf)
+    slots = [i for i, (path, leaf) in enumerate(flat) if trainable(path, leaf)]
+    names = [_path_name(flat[i][0]) for i in slots]
     params = {name: jnp.asarray(flat[i][1]) for name, i in zip(names, slots)}
+    constants = [None if i in slots else leaf for i, (_, leaf) in enumerate(flat)]
+    owners = (getattr(model, "__self__", model), getattr(model, "__func__", model))
+    key = (*map(id, owners), treedef, tuple(slots), tuple(names), tuple(map(id, constants)))
+    cacheable = all(isinstance(c, _IMMUTABLE) for c in constants)
+    if cacheable and key in _APPLY_CACHE:
+        _APPLY_CACHE.move_to_end(key)
+        return _APPLY_CACHE[key][0], params
 
     def apply(p: Mapping[str, Any], x: Any) -> Any:
         leaves = list(constants)
@@ -59,6 +72,10 @@ def _functional(model: Any, tree: Any, trainable: Callable[[tuple, Any], bool]) 
             leaves[i] = p[name]
         return model(jax.tree_util.tree_unflatten(treedef, leaves), x)
 
+    if cacheable:  # the entry holds the owners and constants, so their ids stay unique
+        _APPLY_CACHE[key] = (apply, owners, constants)
+        while len(_APPLY_CACHE) > _APPLY_CACHE_SIZE:
+            _APPLY_CACHE.popitem(last=False)
     return apply, params
 
 

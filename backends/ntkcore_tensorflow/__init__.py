@@ -34,13 +34,13 @@ def _keras() -> Any:
 
 
 def _is_keras_layer(model: Any) -> bool:
-    keras = _keras()
-    return keras is not None and isinstance(model, keras.Layer)
+    layer = getattr(_keras(), "Layer", None)
+    return layer is not None and isinstance(model, layer)
 
 
 def _is_keras_variable(x: Any) -> bool:
-    keras = _keras()
-    return keras is not None and isinstance(x, keras.Variable)
+    variable = getattr(_keras(), "Variable", None)
+    return variable is not None and isinstance(x, variable)
 
 
 def _unique(names: list[str]) -> list[str]:
@@ -94,7 +94,7 @@ def _prepare_keras(model: Any, params: Any) -> PreparedModel:
         )
     if not model.built:
         raise ValueError(
-            f"Keras model {model.name!r} is not built, so it has no variables yet: give it an "
+            f"Keras model {model.name!r} is not built, so it has no variables yet: give it a "
             "keras.Input or call it once on a batch before computing its kernel"
         )
     variables = list(model.trainable_variables)
@@ -108,7 +108,9 @@ def _prepare_keras(model: Any, params: Any) -> PreparedModel:
             )
         unknown = [k for k in params if k not in values]
         if unknown:
-            raise ValueError(f"params= names {unknown} are not trainable variables of the model; expected some of {names}")
+            raise ValueError(
+                f"params= names {unknown} are not trainable variables of the model; expected some of {names}"
+            )
         for name, value in params.items():
             values[name] = _replacement(name, value, values[name])
     kwargs = {"training": False} if getattr(model, "_call_has_training_arg", True) else {}
@@ -147,7 +149,7 @@ class TensorFlowBackend:
             return True
         try:
             leaves = tf.nest.flatten(params) if params is not None else []
-        except Exception:  # noqa: BLE001 - a structure tf.nest cannot walk is not ours
+        except Exception:  # a structure tf.nest cannot walk is not ours
             leaves = []
         return any(isinstance(a, (tf.Tensor, tf.Variable)) or _is_keras_variable(a) for a in [*leaves, *arrays])
 
@@ -211,7 +213,9 @@ class TensorFlowBackend:
     def vmap(self, fn: Callable, in_axes: tuple[int | None, ...]) -> Callable:
         mapped = [i for i, axis in enumerate(in_axes) if axis is not None]
         if any(in_axes[i] != 0 for i in mapped) or not mapped:
-            raise NotImplementedError(f"the TensorFlow adapter maps over axis 0 of at least one argument, got {in_axes}")
+            raise NotImplementedError(
+                f"the TensorFlow adapter maps over axis 0 of at least one argument, got {in_axes}"
+            )
 
         def vectorised(*args: Any) -> Any:
             if len(args) != len(in_axes):

@@ -35,7 +35,7 @@ def matmul(x1: Any, x2: Any, /) -> tf.Tensor:
     return tf.linalg.matmul(x1, x2)
 
 
-def sum(x: Any, /, *, axis: int | Sequence[int] | None = None, dtype: Any = None, keepdims: bool = False) -> tf.Tensor:  # noqa: A001
+def sum(x: Any, /, *, axis: int | Sequence[int] | None = None, dtype: Any = None, keepdims: bool = False) -> tf.Tensor:
     if dtype is not None:
         x = tf.cast(x, dtype)
     return tf.reduce_sum(x, axis=axis, keepdims=keepdims)
@@ -53,4 +53,3 @@ def asarray(obj: Any, /, *, dtype: Any = None, device: Any = None, copy: bool | 
 
 def astype(x: Any, dtype: Any, /, *, copy: bool = True, device: Any = None) -> tf.Tensor:
     return tf.cast(x, dtype)
-

@@ -79,3 +79,22 @@ def test_equinox_module_as_model(jax_zoo):
         return jax.vmap(eqx.combine(p, static))(x)
 
     np.testing.assert_allclose(np.asarray(kernel), _reference(jax, f, dynamic, x1, x2), rtol=1e-10)
+
+
+def test_compiled_kernels_are_reused_only_when_valid(jax_zoo):
+    import jax
+    import jax.numpy as jnp
+
+    def f(p, x):
+        return p["scale"] * jnp.tanh(x @ p["w"])  # the integer leaf is a constant, not a parameter
+
+    x1, x2 = (jnp.asarray(a) for a in inputs("mlp"))
+    w = jnp.asarray(np.random.default_rng(0).normal(size=(6, 2)))
+    three = jnp.asarray(3)
+    compiled = []
+    for params in ({"w": w, "scale": jnp.asarray(2)}, {"w": w, "scale": three}, {"w": 2 * w, "scale": three}):
+        kernel = ntkcore.ntk(f, x1, x2, params=params)
+        compiled.append(set(map(id, ntkcore.api._COMPILED.values())))
+        expected = _reference(jax, lambda w_, x: f({"w": w_, "scale": params["scale"]}, x), params["w"], x1, x2)
+        np.testing.assert_allclose(np.asarray(kernel), expected, rtol=1e-10)
+    assert compiled[2] == compiled[1] != compiled[0], "same constants reuse the kernel, new constants do not"

@@ -57,8 +57,10 @@ def _layers(case: str, dtype: str) -> list:
         ]
     if case == "lowrank":
         return [
-            LowRank(2, 8, name="l1", **kw), L.ReLU(**kw),
-            LowRank(2, 8, name="l2", **kw), L.ReLU(**kw),
+            LowRank(2, 8, name="l1", **kw),
+            L.ReLU(**kw),
+            LowRank(2, 8, name="l2", **kw),
+            L.ReLU(**kw),
             L.Dense(3, name="l3", **kw),
         ]
     if case == "layernorm":
@@ -110,5 +112,5 @@ def reference_jacobians(case: str, x: np.ndarray) -> dict[str, np.ndarray]:
     jac = {}
     for variable in variables:
         j = tape.jacobian(out, variable.value, experimental_use_pfor=False)
-        jac[_spec_key(variable)] = j.numpy().reshape(tuple(out.shape) + (-1,))
+        jac[_spec_key(variable)] = j.numpy().reshape((*out.shape, -1))
     return jac
