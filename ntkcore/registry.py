@@ -75,10 +75,13 @@ def detect_backend(model: Any, params: Any, arrays: tuple[Any, ...]) -> Autodiff
     """The adapter that owns this model/params/arrays, among frameworks already imported."""
     candidates = [name for name, (module, _) in BUILTIN.items() if module in sys.modules]
     candidates += list(_plugin_entry_points())
-    for name in candidates:
-        backend = _instance(name)
-        if backend.owns(model, params, arrays):
-            return backend
+    # The model decides first (a Keras model given torch tensors is TensorFlow's, and its
+    # adapter says what is wrong with the inputs); params and arrays only when it cannot.
+    for owned in (lambda b: b.owns(model, None, ()), lambda b: b.owns(model, params, arrays)):
+        for name in candidates:
+            backend = _instance(name)
+            if owned(backend):
+                return backend
     raise TypeError(
         f"could not infer the framework of model {type(model).__name__!r}: it is not a torch "
         "nn.Module, a Keras model or tf.Module, and its params/inputs are not JAX arrays. "

@@ -15,6 +15,7 @@ and jit ``tf.function``.
 from __future__ import annotations
 
 import sys
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -27,6 +28,8 @@ from . import xp as _xp
 
 _ZERO = tf.UnconnectedGradients.ZERO
 _NUMPY_LIKE = (np.ndarray, np.generic, list, tuple, float, int)
+_APPLY_CACHE: OrderedDict = OrderedDict()  # so that repeated ntk() calls reuse compiled kernels
+_APPLY_CACHE_SIZE = 32
 
 
 def _keras() -> Any:
@@ -64,6 +67,22 @@ def _sublayers(layer: Any) -> list[Any]:
     for sub in getattr(layer, "layers", []):
         found += _sublayers(sub)
     return found
+
+
+def _shared(apply: Callable, model: Any, variables: list, names: list[str]) -> Callable:
+    """The ``apply`` already made for this model and trainable variables, else ``apply``.
+
+    ``apply`` reads only ``p``, the model and its variables (constants are read live), so one
+    per model and variable list lets the core's compiled kernels be reused across ``ntk()``
+    calls. The entry holds the model and variables, so their ids stay unique while it lives.
+    """
+    key = (id(model), tuple(map(id, variables)), tuple(names))
+    if key not in _APPLY_CACHE:
+        _APPLY_CACHE[key] = (apply, model, variables)
+        while len(_APPLY_CACHE) > _APPLY_CACHE_SIZE:
+            _APPLY_CACHE.popitem(last=False)
+    _APPLY_CACHE.move_to_end(key)
+    return _APPLY_CACHE[key][0]
 
 
 def _replacement(name: str, value: Any, ref: Any) -> tf.Tensor:
@@ -119,6 +138,7 @@ def _prepare_keras(model: Any, params: Any) -> PreparedModel:
         with keras.StatelessScope(state_mapping=[(v, p[name]) for name, v in zip(names, variables)]):
             return model(x, **kwargs)
 
+    apply = _shared(apply, model, variables, names)
     embedding = any(isinstance(layer, keras.layers.Embedding) for layer in _sublayers(model))
     return PreparedModel(apply, values, None, lambda x: embedding, source=model)
 
@@ -136,6 +156,7 @@ def _prepare_module(model: tf.Module, params: Any) -> PreparedModel:
         # p holds the module's own variables (watched by jvp/vjp); the module reads them itself
         return model(x)
 
+    apply = _shared(apply, model, variables, names)
     return PreparedModel(apply, dict(zip(names, variables)), None, lambda x: False, source=model)
 
 

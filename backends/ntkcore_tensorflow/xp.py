@@ -13,9 +13,7 @@ from typing import Any
 
 import tensorflow as tf
 
-__all__ = ["asarray", "astype", "eye", "matmul", "permute_dims", "reshape", "sum"]
-
-float32, float64 = tf.float32, tf.float64
+__all__ = ["eye", "matmul", "permute_dims", "reshape", "sum"]
 
 
 def _shape(shape: Sequence[int]) -> Any:
@@ -45,11 +43,3 @@ def eye(n_rows: int, n_cols: int | None = None, /, *, k: int = 0, dtype: Any = N
     if k != 0:
         raise NotImplementedError("the TensorFlow shim's eye supports only k=0")
     return tf.eye(int(n_rows), None if n_cols is None else int(n_cols), dtype=dtype or tf.float32)
-
-
-def asarray(obj: Any, /, *, dtype: Any = None, device: Any = None, copy: bool | None = None) -> tf.Tensor:
-    return tf.convert_to_tensor(obj, dtype=dtype)
-
-
-def astype(x: Any, dtype: Any, /, *, copy: bool = True, device: Any = None) -> tf.Tensor:
-    return tf.cast(x, dtype)

@@ -95,6 +95,7 @@ def test_compiled_kernels_are_reused_only_when_valid(jax_zoo):
     for params in ({"w": w, "scale": jnp.asarray(2)}, {"w": w, "scale": three}, {"w": 2 * w, "scale": three}):
         kernel = ntkcore.ntk(f, x1, x2, params=params)
         compiled.append(set(map(id, ntkcore.api._COMPILED.values())))
-        expected = _reference(jax, lambda w_, x: f({"w": w_, "scale": params["scale"]}, x), params["w"], x1, x2)
+        scale = params["scale"]
+        expected = _reference(jax, lambda w_, x, s=scale: f({"w": w_, "scale": s}, x), params["w"], x1, x2)
         np.testing.assert_allclose(np.asarray(kernel), expected, rtol=1e-10)
     assert compiled[2] == compiled[1] != compiled[0], "same constants reuse the kernel, new constants do not"

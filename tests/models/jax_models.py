@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,6 +99,7 @@ def _split(case: str, dtype: str) -> tuple[dict, dict]:
     return params, consts
 
 
+@functools.cache  # one model per case and dtype, so compiled kernels are shared across tests
 def build(case: str, dtype: str) -> Built:
     params, consts = _split(case, dtype)
     return Built(_forward(case, consts), {"params": params})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -40,6 +42,9 @@ class LowRank(keras.layers.Layer):
 
     def call(self, x):
         return keras.ops.matmul(keras.ops.matmul(x, self.u), self.v) + self.b
+
+    def get_config(self):
+        return {**super().get_config(), "rank": self.rank, "units": self.units}
 
 
 def _layers(case: str, dtype: str) -> list:
@@ -88,6 +93,7 @@ def _spec_key(variable) -> str:
     return f"{layer}.{_SPEC_NAME.get(name, name)}"
 
 
+@functools.cache  # one model per case and dtype, so compiled kernels are shared across tests
 def build(case: str, dtype: str) -> Built:
     s = spec(case)
     model = keras.Sequential([keras.Input(s.input_shape, dtype=dtype), *_layers(case, dtype)], name=case)
@@ -114,3 +120,23 @@ def reference_jacobians(case: str, x: np.ndarray) -> dict[str, np.ndarray]:
         j = tape.jacobian(out, variable.value, experimental_use_pfor=False)
         jac[_spec_key(variable)] = j.numpy().reshape((*out.shape, -1))
     return jac
+
+
+def is_native(a, dtype: str) -> bool:
+    return isinstance(a, tf.Tensor) and a.dtype == DTYPES[dtype]
+
+
+def forward(built: Built, x: np.ndarray) -> tf.Tensor:
+    dtype = built.model.weights[0].dtype
+    return built.model(tf.constant(x, dtype=dtype), training=False)
+
+
+def freeze(built: Built) -> Built:
+    """A copy of the model with every layer frozen (``trainable=False``): no trainable variable."""
+    model = keras.models.clone_model(built.model)
+    model.set_weights(built.model.get_weights())
+    model.trainable = False
+    return Built(model, built.kwargs)
+
+
+train_mode_batchnorm = None  # Keras takes training= per call, and ntkcore always calls with training=False

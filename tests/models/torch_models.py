@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from torch import nn
@@ -128,6 +130,7 @@ def _build_module(case: str) -> nn.Module:
     raise KeyError(case)
 
 
+@functools.cache  # one model per case and dtype, so compiled kernels are shared across tests
 def build(case: str, dtype: str) -> Built:
     return Built(_module(case).to(DTYPES[dtype]))
 
