@@ -96,6 +96,7 @@ class KernelFn:
         self._kind = kind
         self._backend: AutodiffBackend | None = get_backend(backend) if backend is not None else None
         self._prepared: PreparedModel | None = None
+        self._out_shapes: dict[tuple, tuple[int, ...]] = {}
         if self._backend is not None:
             self._prepare()
 
@@ -139,15 +140,7 @@ class KernelFn:
                     "both batches must have the same shape apart from the batch axis 0"
                 )
         coupled = self._batch_independent is False
-        probe = prepared.apply(prepared.params, x1 if coupled else x1[:1])
-        if not backend.is_floating(probe):
-            raise TypeError(f"model output must be floating point, got dtype {backend.dtype_name(probe)}")
-        if len(probe.shape) == 0 or probe.shape[0] != (x1.shape[0] if coupled else 1):
-            raise ValueError(
-                f"model output of shape {tuple(probe.shape)} has no leading batch axis matching x1's "
-                f"{x1.shape[0]} examples; f(params, x) must map (N, ...) to (N, *out)"
-            )
-        out_shape = tuple(int(d) for d in probe.shape[1:])
+        out_shape = self._output_shape(x1, coupled)
         axes = KernelAxes.create(*self._axes_args, (x1.shape[0], *out_shape))
         if x2 is not None and 0 in axes.diagonal and x2.shape[0] != x1.shape[0]:
             raise ValueError(
@@ -157,6 +150,22 @@ class KernelFn:
         key = (x2 is None, out_shape, axes, coupled, self._choose(x1, x2, out_shape, axes, prepared))
         compiled = _compiled_kernel(backend, prepared.apply, self._kind, key)
         return compiled(prepared.params, x1) if x2 is None else compiled(prepared.params, x1, x2)
+
+    def _output_shape(self, x1: Any, coupled: bool) -> tuple[int, ...]:
+        """f's per-example output shape, from one forward pass per input shape and dtype."""
+        backend, prepared = self._backend, self._prepared
+        key = (tuple(x1.shape[1:]), backend.dtype_name(x1), x1.shape[0] if coupled else None)
+        if key not in self._out_shapes:
+            probe = prepared.apply(prepared.params, x1 if coupled else x1[:1])
+            if not backend.is_floating(probe):
+                raise TypeError(f"model output must be floating point, got dtype {backend.dtype_name(probe)}")
+            if len(probe.shape) == 0 or probe.shape[0] != (x1.shape[0] if coupled else 1):
+                raise ValueError(
+                    f"model output of shape {tuple(probe.shape)} has no leading batch axis matching x1's "
+                    f"{x1.shape[0]} examples; f(params, x) must map (N, ...) to (N, *out)"
+                )
+            self._out_shapes[key] = tuple(int(d) for d in probe.shape[1:])
+        return self._out_shapes[key]
 
     def _choose(self, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes, prepared: PreparedModel) -> Any:
         if self._kind == "nngp" or self._implementation is not Implementation.AUTO:

@@ -99,3 +99,11 @@ def test_compiled_kernels_are_reused_only_when_valid(jax_zoo):
         expected = _reference(jax, lambda w_, x, s=scale: f({"w": w_, "scale": s}, x), params["w"], x1, x2)
         np.testing.assert_allclose(np.asarray(kernel), expected, rtol=1e-10)
     assert compiled[2] == compiled[1] != compiled[0], "same constants reuse the kernel, new constants do not"
+
+
+def test_output_without_batch_axis(jax_zoo):
+    import jax.numpy as jnp
+
+    x = jnp.asarray(inputs("mlp")[0])
+    with pytest.raises(ValueError, match=r"model output of shape \(\) has no leading batch axis"):
+        ntkcore.ntk(lambda p, x: jnp.sum(x @ p), x, params=jnp.ones((6, 2)))
