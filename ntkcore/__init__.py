@@ -4,7 +4,7 @@ The core imports no framework: the adapter for a call is chosen from the model a
 (``backend=`` names it explicitly) and imported only then.
 """
 
-from .api import KernelFn, flatten, nngp, ntk, ntk_fn, ntk_from_jacobians
+from .api import KernelFn, StructuredFallbackWarning, flatten, nngp, ntk, ntk_fn, ntk_from_jacobians
 from .axes import KernelAxes
 from .implementation import Implementation
 from .protocol import AutodiffBackend, PreparedModel
@@ -18,6 +18,7 @@ __all__ = [
     "KernelAxes",
     "KernelFn",
     "PreparedModel",
+    "StructuredFallbackWarning",
     "flatten",
     "get_backend",
     "installed_backends",

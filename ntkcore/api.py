@@ -3,25 +3,30 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ._xp import namespace_of
-from .algorithms import jacobian_contraction, ntk_vector_products
+from .algorithms import jacobian_contraction, ntk_vector_products, structured
 from .axes import KernelAxes
 from .implementation import Implementation, choose
-from .protocol import AutodiffBackend, PreparedModel
+from .protocol import AutodiffBackend, Capture, PreparedModel
 from .registry import detect_backend, get_backend
 
 Axes = int | Sequence[int]
+
+
+class StructuredFallbackWarning(UserWarning):
+    """Some parameters are computed by the exact per-layer fallback, not by a structure rule."""
 
 
 _COMPILED: OrderedDict = OrderedDict()
 _COMPILED_SIZE = 64
 
 
-def _build_compute(backend: AutodiffBackend, apply: Any, kind: str, key: tuple) -> Callable:
+def _build_compute(backend: AutodiffBackend, apply: Any, kind: str, key: tuple, capture: Capture | None) -> Callable:
     """The kernel computation for one set of static options (before compilation)."""
     _, out_shape, axes, coupled, impl = key
 
@@ -33,6 +38,8 @@ def _build_compute(backend: AutodiffBackend, apply: Any, kind: str, key: tuple) 
             f1 = {"f": apply(params, x1)[..., None]}
             f2 = f1 if x2 is None else {"f": apply(params, x2)[..., None]}
             return jacobian_contraction.contract(xp, f1, f2, axes, shape1, shape2)
+        if impl is Implementation.STRUCTURED:
+            return structured.kernel(backend, apply, capture, params, x1, x2, axes, out_shape)
         if impl is Implementation.NTK_VECTOR_PRODUCTS:
             x2_ = x1 if x2 is None else x2
             return ntk_vector_products.kernel(backend, apply, params, x1, x2_, axes, out_shape, coupled=coupled)
@@ -45,18 +52,20 @@ def _build_compute(backend: AutodiffBackend, apply: Any, kind: str, key: tuple) 
     return compute
 
 
-def _compiled_kernel(backend: AutodiffBackend, apply: Any, kind: str, key: tuple) -> Callable:
+def _compiled_kernel(
+    backend: AutodiffBackend, apply: Any, kind: str, key: tuple, capture: Capture | None = None
+) -> Callable:
     """The compiled kernel for this ``apply`` and options, shared by every call that has them.
 
     Keyed by the identity of ``apply``: adapters that return the same ``apply`` for the same
     model (and constants) let repeated ``ntk()`` calls skip recompilation. Parameters and
     inputs are arguments of the compiled function, never baked in.
     """
-    cache_key = (backend.name, apply, kind, key)
+    cache_key = (backend.name, apply, kind, key, capture)
     if cache_key in _COMPILED:
         _COMPILED.move_to_end(cache_key)
     else:
-        _COMPILED[cache_key] = backend.jit(_build_compute(backend, apply, kind, key))
+        _COMPILED[cache_key] = backend.jit(_build_compute(backend, apply, kind, key, capture))
         while len(_COMPILED) > _COMPILED_SIZE:
             _COMPILED.popitem(last=False)
     return _COMPILED[cache_key]
@@ -84,11 +93,6 @@ class KernelFn:
     ) -> None:
         self._model, self._params = model, params
         self._implementation = Implementation.parse(implementation)
-        if self._implementation is Implementation.STRUCTURED:
-            raise NotImplementedError(
-                'implementation="structured" (structured derivatives) is not available yet; '
-                'use "jacobian_contraction", "ntk_vector_products" or "auto"'
-            )
         if batch_independent not in (None, True, False):
             raise TypeError(f"batch_independent must be None, True or False, got {batch_independent!r}")
         self._axes_args = (trace_axes, diagonal_axes)
@@ -97,6 +101,7 @@ class KernelFn:
         self._backend: AutodiffBackend | None = get_backend(backend) if backend is not None else None
         self._prepared: PreparedModel | None = None
         self._out_shapes: dict[tuple, tuple[int, ...]] = {}
+        self._captures: dict[tuple, Capture] = {}
         if self._backend is not None:
             self._prepare()
 
@@ -147,9 +152,41 @@ class KernelFn:
                 f"diagonal_axes contains the batch axis 0, which pairs x1[i] with x2[i], but x1 has "
                 f"{x1.shape[0]} examples and x2 has {x2.shape[0]}"
             )
-        key = (x2 is None, out_shape, axes, coupled, self._choose(x1, x2, out_shape, axes, prepared))
-        compiled = _compiled_kernel(backend, prepared.apply, self._kind, key)
+        impl = self._choose(x1, x2, out_shape, axes, prepared)
+        if impl is Implementation.STRUCTURED and coupled:
+            warnings.warn(
+                "structured derivatives assume independent examples; with batch_independent=False the "
+                "kernel is computed by Jacobian contraction",
+                StructuredFallbackWarning,
+                stacklevel=3,
+            )
+            impl = Implementation.JACOBIAN_CONTRACTION
+        capture = self._capture(x1) if impl is Implementation.STRUCTURED else None
+        key = (x2 is None, out_shape, axes, coupled, impl)
+        compiled = _compiled_kernel(backend, prepared.apply, self._kind, key, capture)
         return compiled(prepared.params, x1) if x2 is None else compiled(prepared.params, x1, x2)
+
+    def _capture(self, x1: Any) -> Capture:
+        """The adapter's layer capture for this input shape; warns once about fallbacks."""
+        key = (tuple(x1.shape[1:]), self._backend.dtype_name(x1))
+        if key not in self._captures:
+            try:
+                capture = self._backend.capture(self._prepared, x1[:1])
+            except NotImplementedError as error:
+                raise NotImplementedError(
+                    f'implementation="structured" is not available for the {self._backend.name} backend yet '
+                    f'({error}); use "jacobian_contraction", "ntk_vector_products" or "auto"'
+                ) from None
+            _, fallback, reasons = structured.plan(capture, self._prepared.params)
+            if fallback:
+                warnings.warn(
+                    f"structured derivatives: {'; '.join(reasons) or 'uncaptured parameters'}. Parameters "
+                    f"{fallback} use the exact per-layer Jacobian contraction instead",
+                    StructuredFallbackWarning,
+                    stacklevel=4,
+                )
+            self._captures[key] = capture
+        return self._captures[key]
 
     def _output_shape(self, x1: Any, coupled: bool) -> tuple[int, ...]:
         """f's per-example output shape, from one forward pass per input shape and dtype."""

@@ -37,6 +37,44 @@ class PreparedModel:
     source: Any = field(default=None, repr=False)
 
 
+@dataclass(frozen=True)
+class LayerUse:
+    """One call of a parameterised layer, as structured derivatives see it.
+
+    ``kind`` names the core's rule (``"dense"``, ``"affine"``, ``"embedding"``); ``params`` maps
+    the rule's roles to names in the parameter map (dense: ``weight``, ``bias``; affine:
+    ``scale``, ``shift``; embedding: ``table``), trainable ones only. The layer's *structured
+    input* (dense: its input; affine: the normalised input x̂; embedding: the integer ids)
+    and its output have the feature axis last and any number of token axes before it.
+    """
+
+    key: str
+    layer: str
+    kind: str
+    params: Mapping[str, str]
+    feature_axis: int = -1  # of the layer's output (batch of one) and structured input
+
+
+@dataclass(frozen=True, eq=False)  # hashed by identity: it keys compiled kernels
+class Capture:
+    """What an adapter's ``capture`` returns for one model.
+
+    ``apply_probed(params, probes, x) -> (output, inputs)`` evaluates the model with
+    ``probes[use.key]`` added to the output of each captured layer call (zeros leave f
+    unchanged; the vjp with respect to them is the layer's output cotangent g) and returns the
+    structured inputs ``inputs[use.key]``. ``output_shapes[use.key]`` is the shape of that
+    layer output for a batch of one. ``unsupported`` names layers with trainable parameters
+    and no rule; ``extra_uses`` names parameters also used outside their captured layer.
+    Both are left to the exact per-layer fallback.
+    """
+
+    uses: tuple[LayerUse, ...]
+    apply_probed: Callable[[Params, Mapping[str, Array], Array], tuple[Array, dict[str, Array]]]
+    output_shapes: Mapping[str, tuple[int, ...]]
+    unsupported: tuple[str, ...] = ()
+    extra_uses: tuple[str, ...] = ()
+
+
 @runtime_checkable
 class AutodiffBackend(Protocol):
     """What the core needs from a framework.
@@ -83,9 +121,8 @@ class AutodiffBackend(Protocol):
     def jit(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """Compile ``fn`` where the framework can (identity where it cannot)."""
 
-    def capture(self, prepared: PreparedModel, x: Array) -> Any:
-        """Per-layer inputs and output cotangents for structured derivatives.
+    def capture(self, prepared: PreparedModel, x: Array) -> Capture:
+        """Find the parameterised layer calls of ``prepared`` on a batch of one, ``x``.
 
-        Reserved for the structured-derivatives algorithm; adapters that do not support it
-        raise ``NotImplementedError``.
+        Adapters without per-layer capture raise ``NotImplementedError``.
         """

@@ -10,7 +10,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ntkcore.protocol import PreparedModel
+from ntkcore.protocol import Capture, PreparedModel
+
+from .layers import FactorizedLinear
+
+__all__ = ["FactorizedLinear", "TorchBackend"]
 
 _BATCH_NORMS = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -111,5 +115,7 @@ class TorchBackend:
         # at these sizes; eager torch.func is the default.
         return fn
 
-    def capture(self, prepared: PreparedModel, x: Any) -> Any:
-        raise NotImplementedError("per-layer capture for torch arrives with structured derivatives")
+    def capture(self, prepared: PreparedModel, x: torch.Tensor) -> Capture:
+        from .capture import capture
+
+        return capture(prepared.source, prepared.params, prepared.apply, x)

@@ -11,6 +11,7 @@ import numpy as np
 from . import Built
 from .spec import spec
 
+CAPABILITIES = frozenset()  # structured derivatives: capture not written yet for this backend
 DTYPES = {"float32": jnp.float32, "float64": jnp.float64}
 
 
@@ -130,3 +131,5 @@ def freeze(built: Built) -> Built:
 
 
 train_mode_batchnorm = None  # plain JAX functions carry no train/eval mode
+
+STRUCTURED_CASES = ()

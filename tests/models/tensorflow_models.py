@@ -11,6 +11,7 @@ import tensorflow as tf
 from . import Built
 from .spec import spec
 
+CAPABILITIES = frozenset()  # structured derivatives: capture not written yet for this backend
 DTYPES = {"float32": tf.float32, "float64": tf.float64}
 # Keras variable name -> the spec's short name (others are the same in both)
 _SPEC_NAME = {"kernel": "w", "bias": "b", "moving_mean": "mean", "moving_variance": "var"}
@@ -140,3 +141,5 @@ def freeze(built: Built) -> Built:
 
 
 train_mode_batchnorm = None  # Keras takes training= per call, and ntkcore always calls with training=False
+
+STRUCTURED_CASES = ()

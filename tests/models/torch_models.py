@@ -8,10 +8,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ntkcore_torch import FactorizedLinear
+
 from . import Built
 from .spec import spec
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+CAPABILITIES = frozenset({"structured"})
 
 
 def setup_numerics() -> None:
@@ -36,17 +39,13 @@ def _linear(w: np.ndarray, b: np.ndarray) -> nn.Linear:
     return layer
 
 
-class LowRankLinear(nn.Module):
-    """y = x·U·V + b (the factorized dense layer of arXiv 2210.04807)."""
-
-    def __init__(self, u: np.ndarray, v: np.ndarray, b: np.ndarray) -> None:
-        super().__init__()
-        self.u = nn.Parameter(torch.as_tensor(u))
-        self.v = nn.Parameter(torch.as_tensor(v))
-        self.b = nn.Parameter(torch.as_tensor(b))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.u @ self.v + self.b
+def _factorized(u: np.ndarray, v: np.ndarray, b: np.ndarray) -> FactorizedLinear:
+    layer = FactorizedLinear(u.shape[0], v.shape[1], rank=u.shape[1])
+    with torch.no_grad():
+        layer.u.weight.copy_(torch.as_tensor(u.T))
+        layer.v.weight.copy_(torch.as_tensor(v.T))
+        layer.v.bias.copy_(torch.as_tensor(b))
+    return layer
 
 
 class ConvNet(nn.Module):
@@ -101,9 +100,9 @@ def _build_module(case: str) -> nn.Module:
         return ConvNet(w)
     if case == "lowrank":
         return nn.Sequential(
-            LowRankLinear(w["l1.u"], w["l1.v"], w["l1.b"]),
+            _factorized(w["l1.u"], w["l1.v"], w["l1.b"]),
             nn.ReLU(),
-            LowRankLinear(w["l2.u"], w["l2.v"], w["l2.b"]),
+            _factorized(w["l2.u"], w["l2.v"], w["l2.b"]),
             nn.ReLU(),
             _linear(w["l3.w"], w["l3.b"]),
         )
@@ -180,3 +179,90 @@ def train_mode_batchnorm(dtype: str) -> tuple[Built, object]:
         return {n: j.reshape(*j.shape[:2], -1).numpy() for n, j in zip(names, jac)}
 
     return Built(_module("batchnorm_frozen").to(DTYPES[dtype]).train()), reference
+
+
+class _Twice(nn.Module):
+    """One Linear applied twice: its weight's two uses need their cross terms."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+
+class _TiedTokens(nn.Module):
+    """Token ids → embedding → LayerNorm → per-token Linear → logits tied to the embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 8)
+        self.norm = nn.LayerNorm(8)
+        self.mix = nn.Linear(8, 8)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.mix(self.norm(self.embed(ids))))
+        return nn.functional.linear(h, self.embed.weight)[..., :4]  # tied output projection
+
+
+class _Attention(nn.Module):
+    """Embedding, multi-head self-attention (its projections are not nn.Linear calls), token MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 8)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.mlp = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        h = h + self.attention(h, h, h, need_weights=False)[0]
+        return self.out(torch.relu(self.mlp(h))).mean(dim=1)
+
+
+class _Norms(nn.Module):
+    """RMSNorm, GroupNorm, and eval-mode BatchNorm2d after a convolution (no rule yet)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.l1 = nn.Linear(4 * 8 * 8, 8)
+        self.rms = nn.RMSNorm(8)
+        self.gn = nn.GroupNorm(2, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.conv(x.permute(0, 3, 1, 2)))).flatten(1)
+        return self.head(torch.tanh(self.gn(self.rms(self.l1(h)))))
+
+
+def structured_case(name: str) -> tuple[nn.Module, np.ndarray, np.ndarray, str | None]:
+    """(model, x1, x2, fallback expected in the warning or None) for the structured tests."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        model = {"twice": _Twice, "tied": _TiedTokens, "attention": _Attention, "norms": _Norms}[name]()
+        rng = np.random.default_rng(7)
+        if name == "norms":
+            with torch.no_grad():
+                model.bn.running_mean.uniform_(-0.5, 0.5)
+                model.bn.running_var.uniform_(0.5, 1.5)
+                for p in model.parameters():
+                    p.add_(0.1 * torch.randn_like(p))
+            x1, x2 = rng.normal(size=(4, 8, 8, 2)), rng.normal(size=(3, 8, 8, 2))
+        elif name == "twice":
+            x1, x2 = rng.normal(size=(4, 6)), rng.normal(size=(3, 6))
+        else:
+            x1, x2 = rng.integers(0, 11, size=(4, 5)), rng.integers(0, 11, size=(3, 5))
+        expected = {"twice": None, "tied": "embed.weight", "attention": "attention", "norms": "conv"}[name]
+        return model.eval(), x1, x2, expected
+    finally:
+        torch.set_default_dtype(default)
+
+
+STRUCTURED_CASES = ("twice", "tied", "attention", "norms")

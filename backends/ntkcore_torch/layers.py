@@ -1,0 +1,24 @@
+"""ntkcore's layers for PyTorch models."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class FactorizedLinear(nn.Module):
+    """A low-rank dense layer y = x·U·V + b (arXiv 2210.04807), W = U·V of rank ``rank``.
+
+    Built from two ``nn.Linear`` (``u``: in → rank, no bias; ``v``: rank → out), so structured
+    derivatives treat it as two chained dense pieces and its cost scales with the rank.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, **factory) -> None:
+        super().__init__()
+        if not 0 < rank <= min(in_features, out_features):
+            raise ValueError(f"rank must be in 1..{min(in_features, out_features)}, got {rank}")
+        self.u = nn.Linear(in_features, rank, bias=False, **factory)
+        self.v = nn.Linear(rank, out_features, bias=bias, **factory)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.v(self.u(x))

@@ -1,0 +1,129 @@
+"""Structured derivatives (arXiv 2206.08720, section 4).
+
+The adapter's capture gives every parameterised layer call's structured input; one vjp per
+output component with respect to zero probes added to the layer outputs gives every layer's
+output cotangents g at once (N·O·[FP]). The rules in :mod:`ntkcore.rules` then assemble each
+layer's contribution without forming ∂y/∂θ. Parameters no rule covers — layers without a
+rule, parameters also used outside their layer, a parameter shared by layers of different
+kinds — take the exact per-layer path: their own Jacobians, contracted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+from ..axes import KernelAxes
+from ..protocol import AutodiffBackend, Capture, LayerUse, Params
+from ..rules import RULES
+from ._common import device_of, output_basis
+from .jacobian_contraction import contract, jacobians
+
+
+def plan(capture: Capture, params: Params) -> tuple[list[list[LayerUse]], list[str], list[str]]:
+    """Group the captured calls per parameter set; list what falls back and why.
+
+    Returns (groups, fallback parameter names, reasons). A group is the calls of one layer
+    (several when it is applied more than once), all of one kind with the same parameters.
+    """
+    by_param: dict[str, list[LayerUse]] = defaultdict(list)
+    for use in capture.uses:
+        for name in use.params.values():
+            by_param[name].append(use)
+    groups: dict[tuple, list[LayerUse]] = {}
+    rejected: set[str] = set(capture.extra_uses)
+    reasons = [f"parameter {name!r} is also used outside its layer" for name in capture.extra_uses]
+    for use in capture.uses:
+        signature = (use.kind, tuple(sorted(use.params.items())), use.feature_axis)
+        groups.setdefault(signature, []).append(use)
+    for name, uses in by_param.items():
+        signatures = {(u.kind, tuple(sorted(u.params.items())), u.feature_axis) for u in uses}
+        if len(signatures) > 1 and name not in rejected:
+            rejected.add(name)
+            reasons.append(
+                f"parameter {name!r} is shared by layers {sorted({u.layer for u in uses})} of different kinds"
+            )
+    kept = [g for g in groups.values() if not rejected & set(g[0].params.values())]
+    covered = {name for g in kept for name in g[0].params.values()}
+    fallback = [name for name in params if name not in covered]
+    if capture.unsupported:
+        reasons.insert(0, f"no structured rule for layer(s) {list(capture.unsupported)}")
+    return kept, fallback, reasons
+
+
+def _pieces(backend: AutodiffBackend, capture: Capture, params: Params, x: Any) -> tuple[dict, dict]:
+    """Structured inputs and output cotangents of every captured call, per example."""
+    xp = backend.namespace(x)
+    like = next(iter(params.values()))
+    device = device_of(like)
+    kwargs = {} if device is None else {"device": device}
+
+    def one_example(x_i: Any) -> tuple[dict, dict]:
+        batch = x_i[None, ...]
+        zeros = {k: xp.zeros(shape, dtype=like.dtype, **kwargs) for k, shape in capture.output_shapes.items()}
+        _, inputs = capture.apply_probed(params, zeros, batch)
+        out, pullback = backend.vjp(lambda probes: capture.apply_probed(params, probes, batch)[0][0, ...], zeros)
+        return inputs, backend.vmap(pullback, (0,))(output_basis(xp, out))
+
+    return backend.vmap(one_example, (0,))(x)
+
+
+def _normalise(xp: Any, use: LayerUse, inputs: Any, cotangents: Any, out_shape: tuple[int, ...]) -> tuple[Any, Any]:
+    """Input to (N, S, in) — (N, S) for ids — and g to (N, *out, S, F), features last."""
+    n = inputs.shape[0]
+    g = cotangents  # (N, O, 1, ..., F) with the layer output's own layout after (N, O)
+    if use.feature_axis != -1:
+        rank = len(g.shape) - 2
+        axis = use.feature_axis % rank
+        order = [i for i in range(rank) if i != axis] + [axis]
+        g = xp.permute_dims(g, (0, 1, *(2 + i for i in order)))
+        inputs = xp.permute_dims(inputs, (0, *(1 + i for i in order)))
+    features = g.shape[-1]
+    tokens = math.prod(g.shape[2:-1])
+    g = xp.reshape(g, (n, *out_shape, tokens, features))
+    if use.kind == "embedding":
+        return xp.reshape(inputs, (n, tokens)), g
+    return xp.reshape(inputs, (n, tokens, inputs.shape[-1])), g
+
+
+def _group_arrays(xp: Any, group: list[LayerUse], inputs: dict, g: dict, out_shape: tuple[int, ...]) -> tuple:
+    parts = [_normalise(xp, use, inputs[use.key], g[use.key], out_shape) for use in group]
+    if len(parts) == 1:
+        return parts[0]
+    return xp.concat([p[0] for p in parts], axis=1), xp.concat([p[1] for p in parts], axis=-2)
+
+
+def kernel(
+    backend: AutodiffBackend,
+    apply: Any,
+    capture: Capture,
+    params: Params,
+    x1: Any,
+    x2: Any,
+    axes: KernelAxes,
+    out_shape: tuple[int, ...],
+) -> Any:
+    """The NTK by structured derivatives; ``x2=None`` reuses x1's pieces."""
+    xp = backend.namespace(x1)
+    groups, fallback, _ = plan(capture, params)
+    inputs1, g1 = _pieces(backend, capture, params, x1)
+    inputs2, g2 = (inputs1, g1) if x2 is None else _pieces(backend, capture, params, x2)
+    total = None
+    for group in groups:
+        a1, b1 = _group_arrays(xp, group, inputs1, g1, out_shape)
+        a2, b2 = (a1, b1) if x2 is None else _group_arrays(xp, group, inputs2, g2, out_shape)
+        part = RULES[group[0].kind](xp, a1, b1, a2, b2, axes, set(group[0].params))
+        total = part if total is None else total + part
+    if fallback:
+        rest = {name: params[name] for name in fallback}
+
+        def apply_rest(p: Params, x: Any) -> Any:
+            return apply({**params, **p}, x)
+
+        j1 = jacobians(backend, apply_rest, rest, x1, out_shape, coupled=False)
+        j2 = j1 if x2 is None else jacobians(backend, apply_rest, rest, x2, out_shape, coupled=False)
+        n2 = x1.shape[0] if x2 is None else x2.shape[0]
+        part = contract(xp, j1, j2, axes, (x1.shape[0], *out_shape), (n2, *out_shape))
+        total = part if total is None else total + part
+    return total

@@ -1,0 +1,142 @@
+"""Structure rules, written once in array-API terms and keyed by layer kind.
+
+Every rule receives, for both batches, a layer's structured input and its output cotangents
+``g`` of shape (N, *out, S, F) — one per output component of f, per token position s, per
+feature — and returns the layer's contribution to the kernel in the order of
+``axes.final_labels()``, without forming ∂y/∂θ:
+
+- dense y_s = x_s·W + b: Θ = Σ_{s,t} (x1_s·x2_t + 1[bias]) (g1_s·g2_t), or, when token axes
+  make the pairwise form dearer, the per-example gradients Σ_s g_sᵀx_s contracted;
+- affine y = x̂∘γ + β (LayerNorm, RMSNorm, GroupNorm, BatchNorm): per-example gradients
+  Σ_s g_s∘x̂_s and Σ_s g_s contracted (cost linear in the width);
+- embedding y_s = E[id_s]: Θ = Σ_{s,t} [id1_s = id2_t] (g1_s·g2_t).
+
+A weight used in several calls (a layer applied twice) arrives with the calls' token axes
+concatenated, which makes the cross terms exact.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..algorithms._common import device_of
+from ..algorithms.jacobian_contraction import contract
+from ..axes import KernelAxes, Label, permute_to
+
+KINDS = ("dense", "affine", "embedding")
+
+
+def _batch_labels(axes: KernelAxes) -> list[Label]:
+    return [("d", 0)] if 0 in axes.diagonal else [(1, 0), (2, 0)]
+
+
+def _output_pairs(axes: KernelAxes, out_shape: tuple[int, ...]) -> int:
+    """Entries of the kernel per example pair: O_a² for kept axes, O_a for reduced ones."""
+    return math.prod(n if (a in axes.trace or a in axes.diagonal) else n * n for a, n in enumerate(out_shape, start=1))
+
+
+def _token_products(xp: Any, g1: Any, g2: Any, axes: KernelAxes) -> tuple[Any, list[Label]]:
+    """(g1_s·g2_t) for every kept output pair, with the token axis (index ``axes.ndim``, after
+    f's output axes) kept on both sides; returns the array and its labels."""
+    ext = KernelAxes(axes.ndim + 1, axes.trace, axes.diagonal)
+    product = contract(xp, {"g": g1}, {"g": g2}, ext, tuple(g1.shape[:-1]), tuple(g2.shape[:-1]))
+    return product, ext.final_labels()
+
+
+def _pairwise(xp: Any, g1: Any, g2: Any, weights: Any, axes: KernelAxes) -> Any:
+    """Σ_{s,t} weights[.., s, t] · (g1_s·g2_t), with ``weights`` labelled batch + (1,S), (2,S)."""
+    product, labels = _token_products(xp, g1, g2, axes)
+    token = axes.ndim
+    head = [*_batch_labels(axes), (1, token), (2, token)]
+    rest = [label for label in labels if label not in head]
+    product = permute_to(xp, product, labels, head + rest)
+    weights = xp.reshape(weights, (*weights.shape, *([1] * len(rest))))
+    n_batch = len(_batch_labels(axes))
+    total = xp.sum(product * weights, axis=(n_batch, n_batch + 1))
+    return permute_to(xp, total, [*_batch_labels(axes), *rest], axes.final_labels())
+
+
+def _pair_weights(xp: Any, a1: Any, a2: Any, axes: KernelAxes, *, equal: bool, dtype: Any) -> Any:
+    """Per token pair: x1_s·x2_t (``equal=False``) or [id1_s = id2_t] (``equal=True``).
+
+    ``a`` is (N, S, in) or (N, S); the result is (N1, N2, S, S), or (N, S, S) when the batch
+    axis is diagonal.
+    """
+    if 0 in axes.diagonal:
+        if equal:
+            return xp.astype(a1[:, :, None] == a2[:, None, :], dtype)
+        return xp.matmul(a1, xp.permute_dims(a2, (0, 2, 1)))
+    n1, s1 = a1.shape[:2]
+    n2, s2 = a2.shape[:2]
+    if equal:
+        same = xp.reshape(a1, (n1, 1, s1, 1)) == xp.reshape(a2, (1, n2, 1, s2))
+        return xp.astype(same, dtype)
+    gram = xp.matmul(xp.reshape(a1, (n1 * s1, -1)), xp.permute_dims(xp.reshape(a2, (n2 * s2, -1)), (1, 0)))
+    return xp.permute_dims(xp.reshape(gram, (n1, s1, n2, s2)), (0, 2, 1, 3))
+
+
+def _per_example(xp: Any, jac1: dict, jac2: dict, axes: KernelAxes) -> Any:
+    """Contract per-example gradients ``name -> (N, *out, P)``."""
+    first = next(iter(jac1.values()))
+    second = jac2[next(iter(jac1))]
+    return contract(xp, jac1, jac2, axes, tuple(first.shape[: axes.ndim]), tuple(second.shape[: axes.ndim]))
+
+
+def dense(xp: Any, x1: Any, g1: Any, x2: Any, g2: Any, axes: KernelAxes, roles: set[str]) -> Any:
+    """y_s = x_s·W (+ b). ``x`` (N, S, in), ``g`` (N, *out, S, F); ``roles`` ⊆ {weight, bias}."""
+    n1, n2 = x1.shape[0], x2.shape[0]
+    s, n_in = x1.shape[1], x1.shape[2]
+    f = g1.shape[-1]
+    out_shape = tuple(g1.shape[1:-2])
+    pairs = (n1 if 0 in axes.diagonal else n1 * n2) * _output_pairs(axes, out_shape)
+    pairwise_cost = pairs * s * s * (f + n_in)
+    per_example_cost = (n1 + n2) * math.prod(out_shape) * s * f * n_in + pairs * f * n_in
+    if pairwise_cost <= per_example_cost:
+        weights = 0
+        if "weight" in roles:
+            weights = _pair_weights(xp, x1, x2, axes, equal=False, dtype=g1.dtype)
+        if "bias" in roles:
+            weights = weights + 1 if "weight" in roles else _ones(xp, _pair_shape(x1, x2, axes), g1)
+        return _pairwise(xp, g1, g2, weights, axes)
+    jac1, jac2 = {}, {}
+    for jac, x, g in ((jac1, x1, g1), (jac2, x2, g2)):
+        lead = tuple(g.shape[:-2])
+        if "weight" in roles:  # Σ_s g_sᵀ x_s: (N, *out, F, in)
+            gt = xp.reshape(g, (g.shape[0], -1, g.shape[-2], f))
+            grad = xp.matmul(xp.permute_dims(gt, (0, 1, 3, 2)), xp.reshape(x, (x.shape[0], 1, s, n_in)))
+            jac["weight"] = xp.reshape(grad, (*lead, f * n_in))
+        if "bias" in roles:
+            jac["bias"] = xp.sum(g, axis=-2)
+    return _per_example(xp, jac1, jac2, axes)
+
+
+def _ones(xp: Any, shape: tuple[int, ...], like: Any) -> Any:
+    device = device_of(like)
+    return xp.ones(shape, dtype=like.dtype, **({} if device is None else {"device": device}))
+
+
+def _pair_shape(a1: Any, a2: Any, axes: KernelAxes) -> tuple[int, ...]:
+    if 0 in axes.diagonal:
+        return (a1.shape[0], a1.shape[1], a2.shape[1])
+    return (a1.shape[0], a2.shape[0], a1.shape[1], a2.shape[1])
+
+
+def affine(xp: Any, x1: Any, g1: Any, x2: Any, g2: Any, axes: KernelAxes, roles: set[str]) -> Any:
+    """y = x̂∘γ + β over the feature axis. ``x`` (N, S, F) is x̂; ``roles`` ⊆ {scale, shift}."""
+    jac1, jac2 = {}, {}
+    for jac, x, g in ((jac1, x1, g1), (jac2, x2, g2)):
+        if "scale" in roles:
+            xb = xp.reshape(x, (x.shape[0], *([1] * (len(g.shape) - 3)), *x.shape[1:]))
+            jac["scale"] = xp.sum(g * xb, axis=-2)
+        if "shift" in roles:
+            jac["shift"] = xp.sum(g, axis=-2)
+    return _per_example(xp, jac1, jac2, axes)
+
+
+def embedding(xp: Any, ids1: Any, g1: Any, ids2: Any, g2: Any, axes: KernelAxes, roles: set[str]) -> Any:
+    """y_s = E[id_s]. ``ids`` (N, S) integers, ``g`` (N, *out, S, F)."""
+    return _pairwise(xp, g1, g2, _pair_weights(xp, ids1, ids2, axes, equal=True, dtype=g1.dtype), axes)
+
+
+RULES = {"dense": dense, "affine": affine, "embedding": embedding}

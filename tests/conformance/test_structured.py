@@ -1,0 +1,52 @@
+"""Structured derivatives on the cases that stress their rules: shared layers, tied weights,
+token axes, embeddings, normalisations, and layers without a rule (exact fallback, warned).
+
+Each kernel is held to Jacobian contraction in float64 (rtol 1e-10, see test_kernels.py).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import ntkcore
+
+AXES = {
+    "full": {},
+    "trace": {"trace_axes": (-1,)},
+    "diag": {"diagonal_axes": (0,)},
+    "both": {"trace_axes": (-1,), "diagonal_axes": (0,)},
+}
+
+
+def _cases(backend, zoo):
+    if "structured" not in zoo.CAPABILITIES:
+        pytest.skip(f"{backend}: no per-layer capture yet")
+    return zoo.STRUCTURED_CASES
+
+
+@pytest.mark.parametrize("case", ["twice", "tied", "attention", "norms"])
+@pytest.mark.parametrize("axes", list(AXES))
+@pytest.mark.parametrize("x2_mode", ["x2", "self"])
+def test_structured_equals_jacobian_contraction(backend, zoo, case, axes, x2_mode):
+    if case not in _cases(backend, zoo):
+        pytest.skip(f"{backend} has no {case!r} structured case")
+    model, x1, x2, fallback = zoo.structured_case(case)
+    if x2_mode == "self":
+        x2 = None
+    elif "diagonal_axes" in AXES[axes]:
+        x1 = x1[: len(x2)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kernel = ntkcore.ntk(model, x1, x2, implementation="structured", **AXES[axes])
+    expected = ntkcore.ntk(model, x1, x2, implementation="jacobian_contraction", **AXES[axes])
+    kernel, expected = zoo.to_numpy(kernel), zoo.to_numpy(expected)
+    assert kernel.shape == expected.shape
+    assert np.max(np.abs(kernel - expected)) <= 1e-10 * np.max(np.abs(expected))
+    messages = [str(w.message) for w in caught if issubclass(w.category, ntkcore.StructuredFallbackWarning)]
+    if fallback is None:
+        assert messages == []
+    else:
+        assert len(messages) == 1 and fallback in messages[0], messages
