@@ -62,17 +62,17 @@ class Capture:
     ``apply_probed(params, probes, x) -> (output, inputs)`` evaluates the model with
     ``probes[use.key]`` added to the output of each captured layer call (zeros leave f
     unchanged; the vjp with respect to them is the layer's output cotangent g) and returns the
-    structured inputs ``inputs[use.key]``. ``output_shapes[use.key]`` is the shape of that
-    layer output for a batch of one. ``unsupported`` names layers with trainable parameters
-    and no rule; ``extra_uses`` names parameters also used outside their captured layer.
-    Both are left to the exact per-layer fallback.
+    structured inputs ``inputs[use.key]``. ``output_shapes[use.key]`` is the shape of a
+    probe (a batch of one). ``unsupported`` names layers with trainable parameters and no
+    rule; ``excluded`` maps parameters that must take the exact per-layer fallback to the
+    reason (a use outside their layer, an operation without a rule).
     """
 
     uses: tuple[LayerUse, ...]
     apply_probed: Callable[[Params, Mapping[str, Array], Array], tuple[Array, dict[str, Array]]]
     output_shapes: Mapping[str, tuple[int, ...]]
     unsupported: tuple[str, ...] = ()
-    extra_uses: tuple[str, ...] = ()
+    excluded: Mapping[str, str] = field(default_factory=dict)
 
 
 @runtime_checkable

@@ -13,7 +13,7 @@ import jax.extend.core as jex_core
 import jax.numpy as jnp
 import numpy as np
 
-from ntkcore.protocol import PreparedModel
+from ntkcore.protocol import Capture, PreparedModel
 
 
 def _path_name(path: tuple) -> str:
@@ -189,5 +189,7 @@ class JaxBackend:
     def jit(self, fn: Callable) -> Callable:
         return jax.jit(fn)
 
-    def capture(self, prepared: PreparedModel, x: Any) -> Any:
-        raise NotImplementedError("per-layer capture for JAX arrives with structured derivatives")
+    def capture(self, prepared: PreparedModel, x: Any) -> Capture:
+        from .capture import capture
+
+        return capture(prepared.apply, prepared.params, x)

@@ -142,4 +142,5 @@ def capture(model: nn.Module, params: Mapping[str, torch.Tensor], call: Callable
         )
         for key in shapes
     )
-    return Capture(uses, apply_probed, shapes, tuple(unsupported), tuple(sorted(audit.outside)))
+    excluded = {name: "is also used outside its layer" for name in sorted(audit.outside)}
+    return Capture(uses, apply_probed, shapes, tuple(unsupported), excluded)

@@ -32,8 +32,8 @@ def plan(capture: Capture, params: Params) -> tuple[list[list[LayerUse]], list[s
         for name in use.params.values():
             by_param[name].append(use)
     groups: dict[tuple, list[LayerUse]] = {}
-    rejected: set[str] = set(capture.extra_uses)
-    reasons = [f"parameter {name!r} is also used outside its layer" for name in capture.extra_uses]
+    rejected: set[str] = set(capture.excluded)
+    reasons = [f"{name!r} {why}" for name, why in capture.excluded.items()]
     for use in capture.uses:
         signature = (use.kind, tuple(sorted(use.params.items())), use.feature_axis)
         groups.setdefault(signature, []).append(use)
@@ -41,9 +41,7 @@ def plan(capture: Capture, params: Params) -> tuple[list[list[LayerUse]], list[s
         signatures = {(u.kind, tuple(sorted(u.params.items())), u.feature_axis) for u in uses}
         if len(signatures) > 1 and name not in rejected:
             rejected.add(name)
-            reasons.append(
-                f"parameter {name!r} is shared by layers {sorted({u.layer for u in uses})} of different kinds"
-            )
+            reasons.append(f"{name!r} is shared by layers {sorted({u.layer for u in uses})} of different kinds")
     kept = [g for g in groups.values() if not rejected & set(g[0].params.values())]
     covered = {name for g in kept for name in g[0].params.values()}
     fallback = [name for name in params if name not in covered]

@@ -33,15 +33,15 @@ def _cases(backend, zoo):
 def test_structured_equals_jacobian_contraction(backend, zoo, case, axes, x2_mode):
     if case not in _cases(backend, zoo):
         pytest.skip(f"{backend} has no {case!r} structured case")
-    model, x1, x2, fallback = zoo.structured_case(case)
+    built, x1, x2, fallback = zoo.structured_case(case)
     if x2_mode == "self":
         x2 = None
     elif "diagonal_axes" in AXES[axes]:
         x1 = x1[: len(x2)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        kernel = ntkcore.ntk(model, x1, x2, implementation="structured", **AXES[axes])
-    expected = ntkcore.ntk(model, x1, x2, implementation="jacobian_contraction", **AXES[axes])
+        kernel = ntkcore.ntk(built.model, x1, x2, implementation="structured", **AXES[axes], **built.kwargs)
+    expected = ntkcore.ntk(built.model, x1, x2, implementation="jacobian_contraction", **AXES[axes], **built.kwargs)
     kernel, expected = zoo.to_numpy(kernel), zoo.to_numpy(expected)
     assert kernel.shape == expected.shape
     assert np.max(np.abs(kernel - expected)) <= 1e-10 * np.max(np.abs(expected))

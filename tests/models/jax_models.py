@@ -11,7 +11,7 @@ import numpy as np
 from . import Built
 from .spec import spec
 
-CAPABILITIES = frozenset()  # structured derivatives: capture not written yet for this backend
+CAPABILITIES = frozenset({"structured"})
 DTYPES = {"float32": jnp.float32, "float64": jnp.float64}
 
 
@@ -132,4 +132,82 @@ def freeze(built: Built) -> Built:
 
 train_mode_batchnorm = None  # plain JAX functions carry no train/eval mode
 
-STRUCTURED_CASES = ()
+
+def _layer_norm(h: jax.Array, gamma: jax.Array, beta: jax.Array) -> jax.Array:
+    mu = h.mean(-1, keepdims=True)
+    return (h - mu) / jnp.sqrt(((h - mu) ** 2).mean(-1, keepdims=True) + 1e-5) * gamma + beta
+
+
+def _structured_model(name: str):
+    if name == "twice":  # one dense layer applied twice: cross terms between its two uses
+
+        def f(p, x):
+            h = jnp.tanh(jnp.tanh(x @ p["shared"]["w"] + p["shared"]["b"]) @ p["shared"]["w"] + p["shared"]["b"])
+            return h @ p["head"]["w"] + p["head"]["b"]
+
+        shapes = {"shared": {"w": (6, 6), "b": (6,)}, "head": {"w": (6, 3), "b": (3,)}}
+    elif name == "tied":  # embedding gathered, then reused as the output projection
+
+        def f(p, ids):
+            h = _layer_norm(p["embed"][ids], p["ln"]["gamma"], p["ln"]["beta"])
+            h = jnp.tanh(h @ p["mix"]["w"] + p["mix"]["b"])
+            return (h @ p["embed"].T)[..., :4]
+
+        shapes = {"embed": (11, 8), "ln": {"gamma": (8,), "beta": (8,)}, "mix": {"w": (8, 8), "b": (8,)}}
+    elif name == "attention":  # single-head self-attention over tokens: dense layers with token axes
+
+        def f(p, ids):
+            h = p["embed"][ids]
+            q, k, v = (h @ p[n] for n in ("wq", "wk", "wv"))
+            attention = jax.nn.softmax(q @ jnp.swapaxes(k, -1, -2) / jnp.sqrt(8.0), axis=-1)
+            h = h + (attention @ v) @ p["wo"]
+            return (jax.nn.relu(h @ p["mlp"]["w"] + p["mlp"]["b"]) @ p["out"]).mean(axis=1)
+
+        shapes = {
+            "embed": (11, 8),
+            "wq": (8, 8),
+            "wk": (8, 8),
+            "wv": (8, 8),
+            "wo": (8, 8),
+            "mlp": {"w": (8, 8), "b": (8,)},
+            "out": (8, 2),
+        }
+    elif name == "norms":  # convolution (no rule yet), per-channel affine, RMS-style scale
+
+        def f(p, x):
+            y = jax.lax.conv_general_dilated(x, p["conv"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            y = jax.nn.relu(y * p["bn"]["gamma"] + p["bn"]["beta"]).reshape(x.shape[0], -1)
+            h = y @ p["l1"]["w"] + p["l1"]["b"]
+            h = h / jnp.sqrt((h**2).mean(-1, keepdims=True) + 1e-6) * p["rms"]
+            return jnp.tanh(h) @ p["head"]["w"] + p["head"]["b"]
+
+        shapes = {
+            "conv": (3, 3, 2, 4),
+            "bn": {"gamma": (4,), "beta": (4,)},
+            "l1": {"w": (256, 8), "b": (8,)},
+            "rms": (8,),
+            "head": {"w": (8, 3), "b": (3,)},
+        }
+    else:
+        raise KeyError(name)
+    return f, shapes
+
+
+def structured_case(name: str):
+    """(model, x1, x2, fallback expected in the warning or None) for the structured tests."""
+    f, shapes = _structured_model(name)
+    rng = np.random.default_rng(11)
+    params = jax.tree_util.tree_map(
+        lambda s: jnp.asarray(rng.normal(size=s) / np.sqrt(s[0])), shapes, is_leaf=lambda s: isinstance(s, tuple)
+    )
+    if name == "norms":
+        x1, x2 = rng.normal(size=(4, 8, 8, 2)), rng.normal(size=(3, 8, 8, 2))
+    elif name == "twice":
+        x1, x2 = rng.normal(size=(4, 6)), rng.normal(size=(3, 6))
+    else:
+        x1, x2 = rng.integers(0, 11, size=(4, 5)), rng.integers(0, 11, size=(3, 5))
+    expected = {"twice": None, "tied": "embed", "attention": None, "norms": "conv"}[name]
+    return Built(f, {"params": params}), jnp.asarray(x1), jnp.asarray(x2), expected
+
+
+STRUCTURED_CASES = ("twice", "tied", "attention", "norms")

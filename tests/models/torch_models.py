@@ -240,7 +240,7 @@ class _Norms(nn.Module):
         return self.head(torch.tanh(self.gn(self.rms(self.l1(h)))))
 
 
-def structured_case(name: str) -> tuple[nn.Module, np.ndarray, np.ndarray, str | None]:
+def structured_case(name: str) -> tuple[Built, np.ndarray, np.ndarray, str | None]:
     """(model, x1, x2, fallback expected in the warning or None) for the structured tests."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
@@ -260,7 +260,7 @@ def structured_case(name: str) -> tuple[nn.Module, np.ndarray, np.ndarray, str |
         else:
             x1, x2 = rng.integers(0, 11, size=(4, 5)), rng.integers(0, 11, size=(3, 5))
         expected = {"twice": None, "tied": "embed.weight", "attention": "attention", "norms": "conv"}[name]
-        return model.eval(), x1, x2, expected
+        return Built(model.eval()), x1, x2, expected
     finally:
         torch.set_default_dtype(default)
 

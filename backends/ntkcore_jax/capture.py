@@ -1,0 +1,266 @@
+"""Per-layer capture for structured derivatives, from the jaxpr of ``apply(params, x)``.
+
+Equations that consume a parameter (through reshape, transpose or dtype conversion) are
+matched to the core's kinds: ``dot_general`` → dense; ``add``/``sub`` with a broadcast
+parameter → dense with a constant ±1 input (a bias); ``mul`` → affine scale; a row
+``gather`` → embedding. Any other use of a parameter (a convolution, a parameter feeding
+another parameter, a custom derivative rule) sends that parameter to the exact fallback,
+so an unmatched pattern never gives a wrong number. Calls to jitted sub-functions are
+inlined. The model is then re-evaluated equation by equation with a zero probe added to each
+matched output, in canonical (1, tokens, features) layout.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.extend.core as jex_core
+import jax.numpy as jnp
+
+from ntkcore.protocol import Capture, LayerUse
+
+_VIEWS = {"reshape", "transpose", "convert_element_type", "copy", "copy_p"}
+_CALLS = {"pjit", "jit", "closed_call", "core_call"}
+
+
+@dataclass(frozen=True)
+class _Origin:
+    """A value that is a view of parameter ``name``: the parameter itself (``exact``), a
+    bijective reshuffle, or a broadcast (``feature_dims``: output dims holding its entries)."""
+
+    name: str
+    exact: bool = True
+    feature_dims: tuple[int, ...] | None = None  # set for broadcasts
+
+
+@dataclass(frozen=True)
+class _Match:
+    use: LayerUse
+    structured_input: Callable[[list], Any]
+    add_probe: Callable[[Any, Any], Any]
+    probe_shape: tuple[int, ...]
+
+
+def _canonical(y_shape: tuple[int, ...], tokens: list[int], features: list[int]) -> tuple[list[int], tuple]:
+    perm = tokens + features
+    s = math.prod(y_shape[d] for d in tokens)
+    f = math.prod(y_shape[d] for d in features)
+    return perm, (1, s, f)
+
+
+def _probe_adder(y_shape: tuple[int, ...], perm: list[int]) -> Callable[[Any, Any], Any]:
+    inverse = [perm.index(d) for d in range(len(perm))]
+    permuted = [y_shape[d] for d in perm]
+
+    def add(y: Any, probe: Any) -> Any:
+        return y + jnp.transpose(jnp.reshape(probe, permuted), inverse)
+
+    return add
+
+
+def _feature_dims(origin: _Origin, operand_shape: tuple, out_shape: tuple) -> list[int] | None:
+    """Output dims that hold distinct parameter entries; the others are token dims."""
+    if len(operand_shape) != len(out_shape):
+        return None
+    mapped = range(len(out_shape)) if origin.feature_dims is None else origin.feature_dims
+    return [d for d in mapped if operand_shape[d] == out_shape[d]]
+
+
+class _Walker:
+    def __init__(self) -> None:
+        self.matches: dict[tuple, _Match] = {}
+        self.inline: set[tuple] = set()
+        self.excluded: dict[str, str] = {}
+        self.count = 0
+
+    def reject(self, origins: list[_Origin], primitive: str) -> None:
+        for origin in origins:
+            self.excluded.setdefault(origin.name, f"is used by {primitive}, which has no structured rule")
+
+    def walk(self, jaxpr: Any, origins: dict, path: tuple = ()) -> list:
+        for i, eqn in enumerate(jaxpr.eqns):
+            here = (*path, i)
+            found = [
+                (k, origins[v])
+                for k, v in enumerate(eqn.invars)
+                if not isinstance(v, jex_core.Literal) and v in origins
+            ]
+            if not found:
+                continue
+            name = eqn.primitive.name
+            if name in _CALLS and isinstance(eqn.params.get("jaxpr"), jex_core.ClosedJaxpr):
+                sub = eqn.params["jaxpr"].jaxpr
+                inner = {sub.invars[k]: o for k, o in found}
+                self.inline.add(here)
+                for var, origin in zip(eqn.outvars, self.walk(sub, inner, here)):
+                    if origin is not None:
+                        origins[var] = origin
+                continue
+            if name in _VIEWS and len(found) == 1:
+                origin = found[0][1]
+                if origin.feature_dims is None:
+                    origins[eqn.outvars[0]] = _Origin(
+                        origin.name, origin.exact and name != "reshape" and name != "transpose"
+                    )
+                    continue
+            if name == "broadcast_in_dim" and found[0][1].feature_dims is None:
+                origins[eqn.outvars[0]] = _Origin(found[0][1].name, False, tuple(eqn.params["broadcast_dimensions"]))
+                continue
+            match = self.match(eqn, found)
+            if match is None:
+                self.reject([o for _, o in found], name)
+            else:
+                self.matches[here] = match
+        return [origins.get(v) for v in jaxpr.outvars]
+
+    def _use(self, kind: str, roles: dict[str, str], **fields: Any) -> _Match:
+        key = f"{kind}#{self.count}"
+        self.count += 1
+        layer = "/".join(sorted(set(roles.values())))
+        return _Match(LayerUse(key, layer, kind, roles), **fields)
+
+    def match(self, eqn: Any, found: list) -> _Match | None:
+        name = eqn.primitive.name
+        if len(found) != 1:
+            return None
+        index, origin = found[0]
+        out_shape = tuple(eqn.outvars[0].aval.shape)
+        shapes = [tuple(v.aval.shape) for v in eqn.invars]
+        if name == "dot_general" and origin.feature_dims is None:
+            (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+            if lb or rb:
+                return None
+            xi = 1 - index
+            cx = list((lc, rc)[xi])
+            fx = [d for d in range(len(shapes[xi])) if d not in cx]
+            n_w_free = len(shapes[index]) - len(cx)
+            tokens = list(range(len(fx))) if xi == 0 else list(range(n_w_free, len(out_shape)))
+            features = [d for d in range(len(out_shape)) if d not in tokens]
+            perm, probe = _canonical(out_shape, tokens, features)
+            n_in = math.prod(shapes[xi][d] for d in cx)
+
+            def dense_input(invals: list, xi: int = xi, order: list = fx + cx) -> Any:
+                return jnp.reshape(jnp.transpose(invals[xi], order), (1, -1, n_in))
+
+            return self._use(
+                "dense",
+                {"weight": origin.name},
+                structured_input=dense_input,
+                add_probe=_probe_adder(out_shape, perm),
+                probe_shape=probe,
+            )
+        if name in ("add", "sub", "mul"):
+            other = 1 - index
+            if shapes[other] != out_shape:
+                return None
+            features = _feature_dims(origin, shapes[index], out_shape)
+            if features is None:
+                return None
+            tokens = [d for d in range(len(out_shape)) if d not in features]
+            perm, probe = _canonical(out_shape, tokens, features)
+            if name == "mul":
+
+                def scale_input(invals: list, other: int = other, perm: list = perm, probe: tuple = probe) -> Any:
+                    return jnp.reshape(jnp.transpose(invals[other], perm), probe)
+
+                return self._use(
+                    "affine",
+                    {"scale": origin.name},
+                    structured_input=scale_input,
+                    add_probe=_probe_adder(out_shape, perm),
+                    probe_shape=probe,
+                )
+            sign = -1.0 if (name == "sub" and index == 1) else 1.0
+            dtype = eqn.outvars[0].aval.dtype
+
+            def bias_input(invals: list, s: int = probe[1], sign: float = sign, dtype: Any = dtype) -> Any:
+                return jnp.full((1, s, 1), sign, dtype=dtype)
+
+            return self._use(
+                "dense",
+                {"weight": origin.name},
+                structured_input=bias_input,
+                add_probe=_probe_adder(out_shape, perm),
+                probe_shape=probe,
+            )
+        if name == "gather" and index == 0 and origin.exact and origin.feature_dims is None:
+            dn = eqn.params["dimension_numbers"]
+            simple = (
+                len(shapes[0]) == 2
+                and tuple(dn.collapsed_slice_dims) == (0,)
+                and tuple(dn.start_index_map) == (0,)
+                and tuple(dn.offset_dims) == (len(out_shape) - 1,)
+                and not getattr(dn, "operand_batching_dims", ())
+                and tuple(eqn.params["slice_sizes"]) == (1, shapes[0][1])
+                and shapes[1][-1] == 1
+            )
+            if not simple:
+                return None
+            tokens = list(range(len(out_shape) - 1))
+            perm, probe = _canonical(out_shape, tokens, [len(out_shape) - 1])
+
+            def ids_input(invals: list) -> Any:
+                return jnp.reshape(invals[1][..., 0], (1, -1))
+
+            return self._use(
+                "embedding",
+                {"table": origin.name},
+                structured_input=ids_input,
+                add_probe=_probe_adder(out_shape, perm),
+                probe_shape=probe,
+            )
+        return None
+
+
+def _evaluate(
+    walker: _Walker, jaxpr: Any, consts: list, args: list, probes: Mapping | None, records: dict, path: tuple = ()
+) -> list:
+    env: dict = {}
+
+    def read(v: Any) -> Any:
+        return v.val if isinstance(v, jex_core.Literal) else env[v]
+
+    env.update(zip(jaxpr.constvars, consts))
+    env.update(zip(jaxpr.invars, args))
+    for i, eqn in enumerate(jaxpr.eqns):
+        here = (*path, i)
+        invals = [read(v) for v in eqn.invars]
+        if here in walker.inline:
+            closed = eqn.params["jaxpr"]
+            outvals = _evaluate(walker, closed.jaxpr, closed.consts, invals, probes, records, here)
+        else:
+            outvals = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+            outvals = outvals if eqn.primitive.multiple_results else [outvals]
+            match = walker.matches.get(here)
+            if match is not None:
+                records[match.use.key] = match.structured_input(invals)
+                if probes is not None:
+                    outvals = [match.add_probe(outvals[0], probes[match.use.key])]
+        env.update(zip(eqn.outvars, outvals))
+    return [read(v) for v in jaxpr.outvars]
+
+
+def capture(apply: Callable, params: dict[str, Any], x: Any) -> Capture:
+    """Capture ``apply(params, x)`` on a batch of one ``x``."""
+    closed = jax.make_jaxpr(apply)(params, x)
+    order = [path[0].key for path, _ in jax.tree_util.tree_flatten_with_path(dict(params))[0]]
+    walker = _Walker()
+    walker.walk(closed.jaxpr, {var: _Origin(name) for var, name in zip(closed.jaxpr.invars, order)})
+    walker.matches = {
+        here: m for here, m in walker.matches.items() if next(iter(m.use.params.values())) not in walker.excluded
+    }
+    matches = walker.matches
+
+    def apply_probed(p: Mapping[str, Any], probes: Mapping[str, Any], batch: Any) -> tuple[Any, dict]:
+        records: dict = {}
+        args = jax.tree_util.tree_leaves((dict(p), batch))
+        out = _evaluate(walker, closed.jaxpr, closed.consts, args, probes, records)
+        return out[0], records
+
+    uses = tuple(m.use for m in matches.values())
+    shapes = {m.use.key: m.probe_shape for m in matches.values()}
+    return Capture(uses, apply_probed, shapes, excluded=dict(sorted(walker.excluded.items())))
