@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from ntkcore.protocol import PreparedModel
+from ntkcore.protocol import Capture, PreparedModel
 
 from . import xp as _xp
 
@@ -255,5 +255,7 @@ class TensorFlowBackend:
     def jit(self, fn: Callable) -> Callable:
         return tf.function(fn, autograph=False)
 
-    def capture(self, prepared: PreparedModel, x: Any) -> Any:
-        raise NotImplementedError("per-layer capture for TensorFlow arrives with structured derivatives")
+    def capture(self, prepared: PreparedModel, x: Any) -> Capture:
+        from .capture import capture
+
+        return capture(prepared.source, prepared.params, prepared.apply, x)

@@ -13,7 +13,7 @@ from typing import Any
 
 import tensorflow as tf
 
-__all__ = ["eye", "matmul", "permute_dims", "reshape", "sum"]
+__all__ = ["astype", "concat", "eye", "matmul", "ones", "permute_dims", "reshape", "sum", "zeros"]
 
 
 def _shape(shape: Sequence[int]) -> Any:
@@ -43,3 +43,19 @@ def eye(n_rows: int, n_cols: int | None = None, /, *, k: int = 0, dtype: Any = N
     if k != 0:
         raise NotImplementedError("the TensorFlow shim's eye supports only k=0")
     return tf.eye(int(n_rows), None if n_cols is None else int(n_cols), dtype=dtype or tf.float32)
+
+
+def zeros(shape: Sequence[int], *, dtype: Any = None, device: Any = None) -> tf.Tensor:
+    return tf.zeros([int(d) for d in shape], dtype=dtype or tf.float32)
+
+
+def ones(shape: Sequence[int], *, dtype: Any = None, device: Any = None) -> tf.Tensor:
+    return tf.ones([int(d) for d in shape], dtype=dtype or tf.float32)
+
+
+def astype(x: Any, dtype: Any, /, *, copy: bool = True, device: Any = None) -> tf.Tensor:
+    return tf.cast(x, dtype)
+
+
+def concat(arrays: Sequence[Any], /, *, axis: int | None = 0) -> tf.Tensor:
+    return tf.concat(list(arrays), axis=axis)

@@ -11,7 +11,7 @@ import tensorflow as tf
 from . import Built
 from .spec import spec
 
-CAPABILITIES = frozenset()  # structured derivatives: capture not written yet for this backend
+CAPABILITIES = frozenset({"structured"})
 DTYPES = {"float32": tf.float32, "float64": tf.float64}
 # Keras variable name -> the spec's short name (others are the same in both)
 _SPEC_NAME = {"kernel": "w", "bias": "b", "moving_mean": "mean", "moving_variance": "var"}
@@ -142,4 +142,66 @@ def freeze(built: Built) -> Built:
 
 train_mode_batchnorm = None  # Keras takes training= per call, and ntkcore always calls with training=False
 
-STRUCTURED_CASES = ()
+
+class _TiedLogits(keras.layers.Layer):
+    """Logits from the embedding table itself: a read of that variable outside its layer."""
+
+    def __init__(self, embedding, **kwargs):
+        super().__init__(**kwargs)
+        self.embedding = embedding
+
+    def call(self, h):
+        return keras.ops.matmul(h, keras.ops.transpose(self.embedding.embeddings))[..., :4]
+
+
+def _structured_model(name: str):
+    L, kw = keras.layers, {"dtype": "float64"}
+    if name == "twice":  # one Dense applied twice in a functional model
+        inputs = keras.Input((6,), dtype="float64")
+        shared = L.Dense(6, activation="tanh", name="shared", **kw)
+        outputs = L.Dense(3, name="head", **kw)(shared(shared(inputs)))
+        return keras.Model(inputs, outputs)
+    if name == "tied":
+        inputs = keras.Input((5,), dtype="int64")
+        embedding = L.Embedding(11, 8, name="embed", **kw)
+        h = L.LayerNormalization(epsilon=1e-5, name="ln", **kw)(embedding(inputs))
+        h = L.Dense(8, activation="tanh", name="mix", **kw)(h)
+        return keras.Model(inputs, _TiedLogits(embedding, name="logits", **kw)(h))
+    if name == "attention":  # MultiHeadAttention's projections are EinsumDense: no rule yet
+        inputs = keras.Input((5,), dtype="int64")
+        h = L.Embedding(11, 8, name="embed", **kw)(inputs)
+        h = h + L.MultiHeadAttention(2, 4, name="attention", **kw)(h, h)
+        h = L.Dense(8, activation="relu", name="mlp", **kw)(h)
+        return keras.Model(inputs, L.GlobalAveragePooling1D(**kw)(L.Dense(2, name="out", **kw)(h)))
+    if name == "norms":
+        inputs = keras.Input((8, 8, 2), dtype="float64")
+        h = L.Conv2D(4, 3, padding="same", name="conv", **kw)(inputs)
+        h = L.Activation("relu", **kw)(L.BatchNormalization(epsilon=1e-5, name="bn", **kw)(h))
+        h = L.Dense(8, name="l1", **kw)(L.Flatten(**kw)(h))
+        h = L.RMSNormalization(epsilon=1e-5, name="rms", **kw)(h)
+        return keras.Model(inputs, L.Dense(3, name="head", **kw)(L.Activation("tanh", **kw)(h)))
+    raise KeyError(name)
+
+
+def structured_case(name: str):
+    """(model, x1, x2, fallback expected in the warning or None) for the structured tests."""
+    keras.utils.set_random_seed(0)
+    model = _structured_model(name)
+    rng = np.random.default_rng(7)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.moving_mean.assign(rng.uniform(-0.5, 0.5, size=4))
+            layer.moving_variance.assign(rng.uniform(0.5, 1.5, size=4))
+    for variable in model.trainable_variables:
+        variable.assign(variable + 0.1 * rng.normal(size=variable.shape))
+    if name == "norms":
+        x1, x2 = rng.normal(size=(4, 8, 8, 2)), rng.normal(size=(3, 8, 8, 2))
+    elif name == "twice":
+        x1, x2 = rng.normal(size=(4, 6)), rng.normal(size=(3, 6))
+    else:
+        x1, x2 = rng.integers(0, 11, size=(4, 5)), rng.integers(0, 11, size=(3, 5))
+    expected = {"twice": None, "tied": "embed", "attention": "attention", "norms": "conv"}[name]
+    return Built(model, {}), x1, x2, expected
+
+
+STRUCTURED_CASES = ("twice", "tied", "attention", "norms")
