@@ -15,6 +15,10 @@ import numpy as np
 
 from ntkcore.protocol import Capture, PreparedModel
 
+from .layers import factorized_dense_apply, factorized_dense_init
+
+__all__ = ["JaxBackend", "factorized_dense_apply", "factorized_dense_init"]
+
 
 def _path_name(path: tuple) -> str:
     parts = []

@@ -25,6 +25,9 @@ import tensorflow as tf
 from ntkcore.protocol import Capture, PreparedModel
 
 from . import xp as _xp
+from .layers import FactorizedDense
+
+__all__ = ["FactorizedDense", "TensorFlowBackend"]
 
 _ZERO = tf.UnconnectedGradients.ZERO
 _NUMPY_LIKE = (np.ndarray, np.generic, list, tuple, float, int)

@@ -78,7 +78,7 @@ class TorchBackend:
         )
 
     def namespace(self, *arrays: Any) -> Any:
-        return array_api_compat.array_namespace(*arrays) if arrays else array_api_compat.torch
+        return array_api_compat.array_namespace(*(arrays or (torch.empty(0),)))
 
     def asarray(self, x: Any, *, like: torch.Tensor) -> torch.Tensor:
         if isinstance(x, torch.Tensor):

@@ -83,8 +83,13 @@ def _per_example(xp: Any, jac1: dict, jac2: dict, axes: KernelAxes) -> Any:
     return contract(xp, jac1, jac2, axes, tuple(first.shape[: axes.ndim]), tuple(second.shape[: axes.ndim]))
 
 
-def dense(xp: Any, x1: Any, g1: Any, x2: Any, g2: Any, axes: KernelAxes, roles: set[str]) -> Any:
-    """y_s = x_s·W (+ b). ``x`` (N, S, in), ``g`` (N, *out, S, F); ``roles`` ⊆ {weight, bias}."""
+def dense(
+    xp: Any, x1: Any, g1: Any, x2: Any, g2: Any, axes: KernelAxes, roles: set[str], order: str | None = None
+) -> Any:
+    """y_s = x_s·W (+ b). ``x`` (N, S, in), ``g`` (N, *out, S, F); ``roles`` ⊆ {weight, bias}.
+
+    ``order`` forces ``"pairwise"`` or ``"per_example"``; by default the cheaper is taken.
+    """
     n1, n2 = x1.shape[0], x2.shape[0]
     s, n_in = x1.shape[1], x1.shape[2]
     f = g1.shape[-1]
@@ -92,7 +97,7 @@ def dense(xp: Any, x1: Any, g1: Any, x2: Any, g2: Any, axes: KernelAxes, roles: 
     pairs = (n1 if 0 in axes.diagonal else n1 * n2) * _output_pairs(axes, out_shape)
     pairwise_cost = pairs * s * s * (f + n_in)
     per_example_cost = (n1 + n2) * math.prod(out_shape) * s * f * n_in + pairs * f * n_in
-    if pairwise_cost <= per_example_cost:
+    if order == "pairwise" or (order is None and pairwise_cost <= per_example_cost):
         weights = 0
         if "weight" in roles:
             weights = _pair_weights(xp, x1, x2, axes, equal=False, dtype=g1.dtype)

@@ -50,3 +50,16 @@ def test_structured_equals_jacobian_contraction(backend, zoo, case, axes, x2_mod
         assert messages == []
     else:
         assert len(messages) == 1 and fallback in messages[0], messages
+
+
+def test_factorized_layer_is_structured(backend, zoo):
+    """ntkcore's factorized dense layer is two dense pieces: no fallback, exact kernel."""
+    if "structured" not in zoo.CAPABILITIES:
+        pytest.skip(f"{backend}: no per-layer capture yet")
+    built = zoo.factorized_case()
+    x1, x2 = (zoo.to_native(a, "float64") for a in (np.ones((3, 6)) * np.arange(3)[:, None], np.eye(2, 6)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ntkcore.StructuredFallbackWarning)
+        kernel = ntkcore.ntk(built.model, x1, x2, implementation="structured", **built.kwargs)
+    expected = ntkcore.ntk(built.model, x1, x2, implementation="jacobian_contraction", **built.kwargs)
+    np.testing.assert_allclose(zoo.to_numpy(kernel), zoo.to_numpy(expected), rtol=1e-10, atol=1e-12)

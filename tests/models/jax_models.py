@@ -211,3 +211,19 @@ def structured_case(name: str):
 
 
 STRUCTURED_CASES = ("twice", "tied", "attention", "norms")
+
+
+def factorized_case() -> Built:
+    """ntkcore's factorized dense layer (rank 2) in a small model."""
+    from ntkcore_jax import factorized_dense_apply, factorized_dense_init
+
+    params = {
+        "f": factorized_dense_init(jax.random.PRNGKey(0), 6, 8, rank=2, dtype=jnp.float64),
+        "w": jnp.asarray(np.random.default_rng(0).normal(size=(8, 3))),
+    }
+    params["f"]["b"] = params["f"]["b"] + 0.1
+
+    def f(p, x):
+        return jax.nn.relu(factorized_dense_apply(p["f"], x)) @ p["w"]
+
+    return Built(f, {"params": params})

@@ -205,3 +205,12 @@ def structured_case(name: str):
 
 
 STRUCTURED_CASES = ("twice", "tied", "attention", "norms")
+
+
+def factorized_case() -> Built:
+    """ntkcore's factorized dense layer (rank 2) in a small model."""
+    from ntkcore_tensorflow import FactorizedDense
+
+    keras.utils.set_random_seed(0)
+    layers = [FactorizedDense(8, rank=2, activation="relu", dtype="float64"), keras.layers.Dense(3, dtype="float64")]
+    return Built(keras.Sequential([keras.Input((6,), dtype="float64"), *layers]))

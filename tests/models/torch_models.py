@@ -266,3 +266,10 @@ def structured_case(name: str) -> tuple[Built, np.ndarray, np.ndarray, str | Non
 
 
 STRUCTURED_CASES = ("twice", "tied", "attention", "norms")
+
+
+def factorized_case() -> Built:
+    """ntkcore's factorized dense layer (rank 2) in a small model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(FactorizedLinear(6, 8, rank=2), nn.ReLU(), nn.Linear(8, 3))
+    return Built(model.double())

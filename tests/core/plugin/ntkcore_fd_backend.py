@@ -47,7 +47,7 @@ class FiniteDifferenceBackend:
         return PreparedModel(model.fn, dict(params if params is not None else model.params))
 
     def namespace(self, *arrays: Any) -> Any:
-        return array_api_compat.array_namespace(*arrays) if arrays else array_api_compat.numpy
+        return array_api_compat.array_namespace(*arrays) if arrays else array_api_compat.array_namespace(np.empty(0))
 
     def asarray(self, x: Any, *, like: Any) -> np.ndarray:
         return np.asarray(x, dtype=like.dtype)
