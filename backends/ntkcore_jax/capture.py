@@ -153,6 +153,34 @@ class _Walker:
                 add_probe=_probe_adder(out_shape, perm),
                 probe_shape=probe,
             )
+        if name == "conv_general_dilated" and index == 1 and origin.feature_dims is None:
+            prm = eqn.params
+            if prm["batch_group_count"] != 1 or any(d != 1 for d in prm["lhs_dilation"]):
+                return None
+            dn = prm["dimension_numbers"]
+            tokens = [dn.out_spec[0], *dn.out_spec[2:]]
+            perm, probe = _canonical(out_shape, tokens, [dn.out_spec[1]])
+            groups = prm["feature_group_count"]
+            filter_shape = tuple(shapes[1][d] for d in dn.rhs_spec[2:])
+
+            def patch_input(invals: list, prm: dict = prm, perm: list = perm, groups: int = groups) -> Any:
+                patches = jax.lax.conv_general_dilated_patches(
+                    invals[0],
+                    filter_shape,
+                    prm["window_strides"],
+                    prm["padding"],
+                    rhs_dilation=prm["rhs_dilation"],
+                    dimension_numbers=prm["dimension_numbers"],
+                )
+                return jnp.reshape(jnp.transpose(patches, perm), (1, probe[1], groups, -1))
+
+            return self._use(
+                "conv",
+                {"weight": origin.name},
+                structured_input=patch_input,
+                add_probe=_probe_adder(out_shape, perm),
+                probe_shape=probe,
+            )
         if name in ("add", "sub", "mul"):
             other = 1 - index
             if shapes[other] != out_shape:

@@ -27,6 +27,8 @@ def _rule(module: nn.Module) -> tuple[str, dict[str, str], int] | None:
     """(kind, role -> attribute, feature axis) for a module with a structure rule, else None."""
     if isinstance(module, nn.Linear):
         return "dense", {"weight": "weight", "bias": "bias"}, -1
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.padding_mode == "zeros":
+        return "conv", {"weight": "weight", "bias": "bias"}, 1
     if isinstance(module, nn.Embedding) and module.padding_idx is None and module.max_norm is None:
         if not module.scale_grad_by_freq:
             return "embedding", {"table": "weight"}, -1
@@ -41,8 +43,28 @@ def _rule(module: nn.Module) -> tuple[str, dict[str, str], int] | None:
     return None
 
 
+def _patches(conv: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Each output position's input patch per group: (1, positions, groups, C_in/groups·kernel)."""
+    one_d = isinstance(conv, nn.Conv1d)
+    if one_d:  # as a 2D convolution of height 1
+        x = x.unsqueeze(-2)
+    pair = (lambda v: (1, v[0])) if one_d else (lambda v: tuple(v))
+    kernel, stride, dilation = pair(conv.kernel_size), pair(conv.stride), pair(conv.dilation)
+    if conv.padding == "same":
+        total = [d * (k - 1) for d, k in zip(dilation, kernel)]
+        x = F.pad(x, (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2))
+        padding = (0, 0)
+    else:
+        padding = (0, 0) if conv.padding == "valid" else ((0, *conv.padding) if one_d else tuple(conv.padding))
+    columns = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (1, C·k, L)
+    columns = columns.reshape(x.shape[0], conv.groups, -1, columns.shape[-1])
+    return columns.permute(0, 3, 1, 2)
+
+
 def _structured_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """What the rule multiplies by: the input itself, or the normalised input x̂."""
+    """What the rule multiplies by: the input, its patches, or the normalised input x̂."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return _patches(module, x)
     if isinstance(module, nn.LayerNorm):
         return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
     if isinstance(module, nn.RMSNorm):

@@ -76,12 +76,15 @@ def _normalise(xp: Any, use: LayerUse, inputs: Any, cotangents: Any, out_shape: 
         axis = use.feature_axis % rank
         order = [i for i in range(rank) if i != axis] + [axis]
         g = xp.permute_dims(g, (0, 1, *(2 + i for i in order)))
-        inputs = xp.permute_dims(inputs, (0, *(1 + i for i in order)))
+        if use.kind == "affine":  # x̂ has the layout of the output
+            inputs = xp.permute_dims(inputs, (0, *(1 + i for i in order)))
     features = g.shape[-1]
     tokens = math.prod(g.shape[2:-1])
     g = xp.reshape(g, (n, *out_shape, tokens, features))
     if use.kind == "embedding":
         return xp.reshape(inputs, (n, tokens)), g
+    if use.kind == "conv":  # patches (N, 1, S, G, K) from the adapter
+        return xp.reshape(inputs, (n, tokens, *inputs.shape[-2:])), g
     return xp.reshape(inputs, (n, tokens, inputs.shape[-1])), g
 
 

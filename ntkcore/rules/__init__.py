@@ -7,6 +7,8 @@ feature — and returns the layer's contribution to the kernel in the order of
 
 - dense y_s = x_s·W + b: Θ = Σ_{s,t} (x1_s·x2_t + 1[bias]) (g1_s·g2_t), or, when token axes
   make the pairwise form dearer, the per-example gradients Σ_s g_sᵀx_s contracted;
+- convolution: a dense layer on each output position's input patch, per group (grouped and
+  depthwise included); per-example weight gradients contracted;
 - affine y = x̂∘γ + β (LayerNorm, RMSNorm, GroupNorm, BatchNorm): per-example gradients
   Σ_s g_s∘x̂_s and Σ_s g_s contracted (cost linear in the width);
 - embedding y_s = E[id_s]: Θ = Σ_{s,t} [id1_s = id2_t] (g1_s·g2_t).
@@ -24,7 +26,7 @@ from ..algorithms._common import device_of
 from ..algorithms.jacobian_contraction import contract
 from ..axes import KernelAxes, Label, permute_to
 
-KINDS = ("dense", "affine", "embedding")
+KINDS = ("dense", "conv", "affine", "embedding")
 
 
 def _batch_labels(axes: KernelAxes) -> list[Label]:
@@ -127,6 +129,26 @@ def _pair_shape(a1: Any, a2: Any, axes: KernelAxes) -> tuple[int, ...]:
     return (a1.shape[0], a2.shape[0], a1.shape[1], a2.shape[1])
 
 
+def conv(xp: Any, x1: Any, g1: Any, x2: Any, g2: Any, axes: KernelAxes, roles: set[str]) -> Any:
+    """A (grouped) convolution as a dense layer on patches: ``x`` (N, S, G, K) holds each output
+    position's input patch per group, ``g`` (N, *out, S, C) with C = G·F output channels, grouped
+    contiguously. The per-example weight gradients Σ_s g_sᵀ·patch_s are contracted (the
+    pairwise form costs S² per pair, more than the few weights of a convolution).
+    """
+    jac1, jac2 = {}, {}
+    for jac, x, g in ((jac1, x1, g1), (jac2, x2, g2)):
+        n, s, groups, k = x.shape
+        lead = tuple(g.shape[:-2])
+        if "weight" in roles:
+            gg = xp.reshape(g, (n, -1, s, groups, g.shape[-1] // groups))  # (N, O, S, G, F)
+            gg = xp.permute_dims(gg, (0, 1, 3, 4, 2))  # (N, O, G, F, S)
+            patches = xp.reshape(xp.permute_dims(x, (0, 2, 1, 3)), (n, 1, groups, s, k))  # (N, 1, G, S, K)
+            jac["weight"] = xp.reshape(xp.matmul(gg, patches), (*lead, -1))
+        if "bias" in roles:
+            jac["bias"] = xp.sum(g, axis=-2)
+    return _per_example(xp, jac1, jac2, axes)
+
+
 def affine(xp: Any, x1: Any, g1: Any, x2: Any, g2: Any, axes: KernelAxes, roles: set[str]) -> Any:
     """y = x̂∘γ + β over the feature axis. ``x`` (N, S, F) is x̂; ``roles`` ⊆ {scale, shift}."""
     jac1, jac2 = {}, {}
@@ -144,4 +166,4 @@ def embedding(xp: Any, ids1: Any, g1: Any, ids2: Any, g2: Any, axes: KernelAxes,
     return _pairwise(xp, g1, g2, _pair_weights(xp, ids1, ids2, axes, equal=True, dtype=g1.dtype), axes)
 
 
-RULES = {"dense": dense, "affine": affine, "embedding": embedding}
+RULES = {"dense": dense, "conv": conv, "affine": affine, "embedding": embedding}

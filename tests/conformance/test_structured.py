@@ -27,7 +27,7 @@ def _cases(backend, zoo):
     return zoo.STRUCTURED_CASES
 
 
-@pytest.mark.parametrize("case", ["twice", "tied", "attention", "norms"])
+@pytest.mark.parametrize("case", ["twice", "tied", "attention", "norms", "convs"])
 @pytest.mark.parametrize("axes", list(AXES))
 @pytest.mark.parametrize("x2_mode", ["x2", "self"])
 def test_structured_equals_jacobian_contraction(backend, zoo, case, axes, x2_mode):

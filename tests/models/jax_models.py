@@ -188,6 +188,36 @@ def _structured_model(name: str):
             "rms": (8,),
             "head": {"w": (8, 3), "b": (3,)},
         }
+    elif name == "convs":  # strided; depthwise dilated SAME; grouped; and a 1D convolution
+
+        def conv(x, w, stride=1, padding="SAME", dilation=1, groups=1, spec=("NHWC", "HWIO", "NHWC")):
+            n = len(spec[0]) - 2
+            return jax.lax.conv_general_dilated(
+                x,
+                w,
+                (stride,) * n,
+                padding,
+                rhs_dilation=(dilation,) * n,
+                dimension_numbers=spec,
+                feature_group_count=groups,
+            )
+
+        def f(p, x):
+            y = jnp.tanh(conv(x, p["c1"], stride=2, padding=((1, 1), (1, 1))) + p["b1"])
+            y = jnp.tanh(conv(y, p["c2"], dilation=2, groups=4))
+            y = jnp.tanh(conv(y, p["c3"], padding="VALID", groups=2))
+            z = jnp.tanh(conv(x[:, 0], p["d1"], dilation=2, spec=("NWC", "WIO", "NWC")))
+            h = jnp.concatenate([y.reshape(x.shape[0], -1), z.reshape(x.shape[0], -1)], axis=1)
+            return h @ p["head"]
+
+        shapes = {
+            "c1": (3, 3, 2, 4),
+            "b1": (4,),
+            "c2": (3, 3, 1, 4),
+            "c3": (2, 2, 2, 6),
+            "d1": (3, 2, 3),
+            "head": (6 * 3 * 3 + 8 * 3, 3),
+        }
     else:
         raise KeyError(name)
     return f, shapes
@@ -200,17 +230,17 @@ def structured_case(name: str):
     params = jax.tree_util.tree_map(
         lambda s: jnp.asarray(rng.normal(size=s) / np.sqrt(s[0])), shapes, is_leaf=lambda s: isinstance(s, tuple)
     )
-    if name == "norms":
+    if name in ("norms", "convs"):
         x1, x2 = rng.normal(size=(4, 8, 8, 2)), rng.normal(size=(3, 8, 8, 2))
     elif name == "twice":
         x1, x2 = rng.normal(size=(4, 6)), rng.normal(size=(3, 6))
     else:
         x1, x2 = rng.integers(0, 11, size=(4, 5)), rng.integers(0, 11, size=(3, 5))
-    expected = {"twice": None, "tied": "embed", "attention": None, "norms": "conv"}[name]
+    expected = {"twice": None, "tied": "embed", "attention": None, "norms": None, "convs": None}[name]
     return Built(f, {"params": params}), jnp.asarray(x1), jnp.asarray(x2), expected
 
 
-STRUCTURED_CASES = ("twice", "tied", "attention", "norms")
+STRUCTURED_CASES = ("twice", "tied", "attention", "norms", "convs")
 
 
 def factorized_case() -> Built:

@@ -223,8 +223,27 @@ class _Attention(nn.Module):
         return self.out(torch.relu(self.mlp(h))).mean(dim=1)
 
 
+class _Convs(nn.Module):
+    """Strided, depthwise dilated ('same' padding) and grouped 2D convolutions, and 1D ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(4, 4, 3, padding="same", dilation=2, groups=4)
+        self.c3 = nn.Conv2d(4, 6, 2, groups=2, bias=False)
+        self.d1 = nn.Conv1d(2, 3, 3, padding="same", dilation=2)
+        self.d2 = nn.Conv1d(3, 3, 2, stride=2)
+        self.head = nn.Linear(6 * 3 * 3 + 3 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.permute(0, 3, 1, 2)
+        y = torch.tanh(self.c3(torch.tanh(self.c2(torch.tanh(self.c1(y))))))
+        z = torch.tanh(self.d2(torch.tanh(self.d1(x[:, 0].permute(0, 2, 1)))))
+        return self.head(torch.cat([y.flatten(1), z.flatten(1)], dim=1))
+
+
 class _Norms(nn.Module):
-    """RMSNorm, GroupNorm, and eval-mode BatchNorm2d after a convolution (no rule yet)."""
+    """RMSNorm, GroupNorm, and eval-mode BatchNorm2d after a convolution."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -246,12 +265,15 @@ def structured_case(name: str) -> tuple[Built, np.ndarray, np.ndarray, str | Non
     torch.set_default_dtype(torch.float64)
     try:
         torch.manual_seed(0)
-        model = {"twice": _Twice, "tied": _TiedTokens, "attention": _Attention, "norms": _Norms}[name]()
+        models = {"twice": _Twice, "tied": _TiedTokens, "attention": _Attention, "norms": _Norms, "convs": _Convs}
+        model = models[name]()
         rng = np.random.default_rng(7)
-        if name == "norms":
+        if name in ("norms", "convs"):
             with torch.no_grad():
-                model.bn.running_mean.uniform_(-0.5, 0.5)
-                model.bn.running_var.uniform_(0.5, 1.5)
+                for module in model.modules():
+                    if isinstance(module, nn.BatchNorm2d):
+                        module.running_mean.uniform_(-0.5, 0.5)
+                        module.running_var.uniform_(0.5, 1.5)
                 for p in model.parameters():
                     p.add_(0.1 * torch.randn_like(p))
             x1, x2 = rng.normal(size=(4, 8, 8, 2)), rng.normal(size=(3, 8, 8, 2))
@@ -259,13 +281,13 @@ def structured_case(name: str) -> tuple[Built, np.ndarray, np.ndarray, str | Non
             x1, x2 = rng.normal(size=(4, 6)), rng.normal(size=(3, 6))
         else:
             x1, x2 = rng.integers(0, 11, size=(4, 5)), rng.integers(0, 11, size=(3, 5))
-        expected = {"twice": None, "tied": "embed.weight", "attention": "attention", "norms": "conv"}[name]
+        expected = {"twice": None, "tied": "embed.weight", "attention": "attention", "norms": None, "convs": None}[name]
         return Built(model.eval()), x1, x2, expected
     finally:
         torch.set_default_dtype(default)
 
 
-STRUCTURED_CASES = ("twice", "tied", "attention", "norms")
+STRUCTURED_CASES = ("twice", "tied", "attention", "norms", "convs")
 
 
 def factorized_case() -> Built:
