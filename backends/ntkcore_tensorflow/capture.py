@@ -28,6 +28,9 @@ def _rule(keras: Any, layer: Any) -> tuple[str, dict[str, Any], int] | None:
     plain = not getattr(layer, "lora_enabled", False) and getattr(layer, "quantization_mode", None) is None
     if isinstance(layer, layers.Dense) and type(layer) is layers.Dense and plain:
         return "dense", {"weight": layer.kernel, "bias": layer.bias}, -1
+    convs = (layers.Conv1D, layers.Conv2D, layers.DepthwiseConv2D)
+    if type(layer) in convs and plain and layer.data_format == "channels_last" and layer.padding in ("valid", "same"):
+        return "conv", {"weight": layer.kernel, "bias": layer.bias}, -1
     if isinstance(layer, layers.Embedding) and plain:
         return "embedding", {"table": layer.embeddings}, -1
     if isinstance(layer, layers.LayerNormalization) and _last_axis_only(layer):
@@ -37,6 +40,26 @@ def _rule(keras: Any, layer: Any) -> tuple[str, dict[str, Any], int] | None:
     if isinstance(layer, layers.BatchNormalization) and isinstance(layer.axis, int):
         return "affine", {"scale": layer.gamma, "shift": layer.beta}, layer.axis
     return None
+
+
+def _patches(layer: Any, x: Any) -> tf.Tensor:
+    """Each output position's input patch per group: (1, positions, groups, C_in/groups·kernel)."""
+    one_d = len(layer.kernel_size) == 1
+    if one_d:  # as a 2D convolution of height 1
+        x = x[:, None]
+    size, strides, rates = (
+        [1, *v] if one_d else list(v) for v in (layer.kernel_size, layer.strides, layer.dilation_rate)
+    )
+    channels = x.shape[-1]
+    # a convolution with one-hot filters extracts the patches; unlike extract_patches it has a
+    # vectorised (pfor) converter. Features come out in (kh, kw, C) order.
+    taps = size[0] * size[1]
+    eye = tf.reshape(tf.eye(taps * channels, dtype=x.dtype), (*size, channels, taps * channels))
+    patches = tf.nn.conv2d(x, eye, [1, *strides, 1], layer.padding.upper(), dilations=[1, *rates, 1])
+    groups = channels if type(layer).__name__ == "DepthwiseConv2D" else layer.groups
+    patches = tf.reshape(patches, (-1, taps, groups, channels // groups))  # features are (kh, kw, C)
+    patches = tf.transpose(patches, (0, 2, 3, 1))
+    return tf.reshape(patches, (1, -1, groups, channels // groups * taps))
 
 
 def _last_axis_only(layer: Any) -> bool:
@@ -91,13 +114,13 @@ def capture(model: Any, params: Mapping[str, Any], apply: Callable, x: Any) -> C
                 if audit is not None:
                     audit.append(path)
                 try:
-                    if kind == "dense":
+                    if kind in ("dense", "conv"):
                         activation, layer.activation = layer.activation, None
                         try:
                             out = original(inputs_, *args, **kwargs)
                         finally:
                             layer.activation = activation
-                        inputs[key] = inputs_
+                        inputs[key] = inputs_ if kind == "dense" else _patches(layer, inputs_)
                     elif kind == "embedding":
                         out = original(inputs_, *args, **kwargs)
                         inputs[key] = tf.cast(inputs_, tf.int64)
@@ -116,7 +139,7 @@ def capture(model: Any, params: Mapping[str, Any], apply: Callable, x: Any) -> C
                 shapes[key] = tuple(out.shape)
                 if probes is not None:
                     out = out + probes[key]
-                return layer.activation(out) if kind == "dense" else out
+                return layer.activation(out) if kind in ("dense", "conv") else out
 
             return call
 
