@@ -23,6 +23,7 @@ class StructuredFallbackWarning(UserWarning):
 
 
 _COMPILED: OrderedDict = OrderedDict()
+_CAPTURES: OrderedDict = OrderedDict()
 _COMPILED_SIZE = 64
 
 
@@ -101,7 +102,6 @@ class KernelFn:
         self._backend: AutodiffBackend | None = get_backend(backend) if backend is not None else None
         self._prepared: PreparedModel | None = None
         self._out_shapes: dict[tuple, tuple[int, ...]] = {}
-        self._captures: dict[tuple, Capture] = {}
         if self._backend is not None:
             self._prepare()
 
@@ -167,9 +167,15 @@ class KernelFn:
         return compiled(prepared.params, x1) if x2 is None else compiled(prepared.params, x1, x2)
 
     def _capture(self, x1: Any) -> Capture:
-        """The adapter's layer capture for this input shape; warns once about fallbacks."""
-        key = (tuple(x1.shape[1:]), self._backend.dtype_name(x1))
-        if key not in self._captures:
+        """The adapter's layer capture for this model and input shape; warns once about fallbacks.
+
+        Shared across calls through the identity of ``apply`` (like compiled kernels), so that
+        repeated ``ntk()`` calls reuse both the capture and the kernel compiled with it.
+        """
+        key = (self._backend.name, self._prepared.apply, tuple(x1.shape[1:]), self._backend.dtype_name(x1))
+        if key in _CAPTURES:
+            _CAPTURES.move_to_end(key)
+        else:
             try:
                 capture = self._backend.capture(self._prepared, x1[:1])
             except NotImplementedError as error:
@@ -185,8 +191,10 @@ class KernelFn:
                     StructuredFallbackWarning,
                     stacklevel=4,
                 )
-            self._captures[key] = capture
-        return self._captures[key]
+            _CAPTURES[key] = capture
+            while len(_CAPTURES) > _COMPILED_SIZE:
+                _CAPTURES.popitem(last=False)
+        return _CAPTURES[key]
 
     def _output_shape(self, x1: Any, coupled: bool) -> tuple[int, ...]:
         """f's per-example output shape, from one forward pass per input shape and dtype."""

@@ -6,7 +6,11 @@ Each framework module exposes the same functions:
 - ``build(case, dtype) -> Built``: the case's model in that framework;
 - ``to_native(x, dtype)`` / ``to_numpy(a)``: array conversion;
 - ``reference_jacobians(case, x)``: float64 full-batch Jacobians ``name -> (N, *out, P)``
-  from the framework's own jacobian function, independent of ntkcore's algorithms.
+  from the framework's own jacobian function, independent of ntkcore's algorithms;
+- ``is_native(a, dtype)``, ``forward(built, x)``, ``freeze(built)`` (no trainable parameter),
+  ``train_mode_batchnorm`` (or ``None`` where a framework has no train/eval mode);
+- ``CAPABILITIES`` (known gaps as data, e.g. ``{"structured"}``), ``STRUCTURED_CASES`` with
+  ``structured_case(name)`` and ``factorized_case()`` for the structured-derivatives tests.
 """
 
 from __future__ import annotations
