@@ -19,7 +19,8 @@ pytestmark = pytest.mark.cross
 RTOL = {"float64": 1e-10, "float32": 1e-4}
 
 
-@pytest.mark.parametrize("implementation", ["jacobian_contraction", "ntk_vector_products"])
+@pytest.mark.filterwarnings("ignore::ntkcore.StructuredFallbackWarning")
+@pytest.mark.parametrize("implementation", ["jacobian_contraction", "ntk_vector_products", "structured"])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("case", CASES)
 def test_same_kernel_in_every_framework(active_backends, case, dtype, implementation):
