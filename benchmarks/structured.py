@@ -15,10 +15,8 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +32,7 @@ def measure(backend: str, workload_name: str, implementation: str, repeats: int,
     """One measurement, in this process."""
     import ntkcore
     from benchmarks.workloads import WORKLOADS, build, inputs
+    from ntkcore.demo import time_calls
 
     workload = WORKLOADS[workload_name]
     model, kwargs = build(backend, workload)
@@ -41,20 +40,13 @@ def measure(backend: str, workload_name: str, implementation: str, repeats: int,
     adapter = ntkcore.get_backend(backend)
     kernel_fn = ntkcore.ntk_fn(model, implementation=implementation, **workload.axes, **kwargs)
     baseline = _rss_mb()
-    start = time.perf_counter()
-    kernel = adapter.to_numpy(kernel_fn(x))
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        adapter.to_numpy(kernel_fn(x))
-        times.append(time.perf_counter() - start)
+    kernel, first, median = time_calls(lambda: adapter.to_numpy(kernel_fn(x)), repeats)
     result = {
         "backend": backend,
         "workload": workload_name,
         "implementation": implementation,
         "first_s": first,
-        "median_s": statistics.median(times),
+        "median_s": median,
         "peak_rss_mb": _rss_mb() - baseline,
     }
     if reference is not None:

@@ -10,6 +10,7 @@ import importlib
 import itertools
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,23 @@ class Row:
     first_s: float
     median_s: float
     kernel: np.ndarray
+
+
+def time_calls(call: Callable[[], np.ndarray], repeats: int) -> tuple[np.ndarray, float, float]:
+    """(first result, first-call seconds, median seconds of ``repeats`` further calls).
+
+    ``call`` must return host data (a numpy copy), so that asynchronous frameworks are timed
+    to completion.
+    """
+    start = time.perf_counter()
+    result = call()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return result, first, statistics.median(times)
 
 
 def demo_weights(widths: list[int], seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -56,15 +74,8 @@ def run(
         model, kwargs = importlib.import_module(f"ntkcore_{name}.demo").build_mlp(weights, dtype)
         for implementation in IMPLEMENTATIONS:
             kernel_fn = ntk_fn(model, implementation=implementation, backend=name, **kwargs)
-            start = time.perf_counter()
-            kernel = backend.to_numpy(kernel_fn(x))
-            first = time.perf_counter() - start
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                backend.to_numpy(kernel_fn(x))
-                times.append(time.perf_counter() - start)
-            rows.append(Row(name, implementation, first, statistics.median(times), kernel))
+            kernel, first, median = time_calls(lambda b=backend, f=kernel_fn: b.to_numpy(f(x)), repeats)
+            rows.append(Row(name, implementation, first, median, kernel))
     reference = rows[0].kernel
     scale = float(np.max(np.abs(reference)))
     largest = max(float(np.max(np.abs(r.kernel - reference))) / scale for r in rows)

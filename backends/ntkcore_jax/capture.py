@@ -117,11 +117,24 @@ class _Walker:
                 self.matches[here] = match
         return [origins.get(v) for v in jaxpr.outvars]
 
-    def _use(self, kind: str, roles: dict[str, str], **fields: Any) -> _Match:
+    def _use(
+        self, kind: str, role: str, name: str, out_shape: tuple, tokens: list[int], make_input: Callable
+    ) -> _Match:
+        """A matched call: probes and inputs in canonical (1, tokens, features) layout.
+
+        ``make_input(invals, perm, probe)`` builds the structured input from the equation's
+        operands, given the output permutation and the probe shape.
+        """
+        features = [d for d in range(len(out_shape)) if d not in tokens]
+        perm, probe = _canonical(out_shape, tokens, features)
         key = f"{kind}#{self.count}"
         self.count += 1
-        layer = "/".join(sorted(set(roles.values())))
-        return _Match(LayerUse(key, layer, kind, roles), **fields)
+        return _Match(
+            LayerUse(key, name, kind, {role: name}),
+            lambda invals: make_input(invals, perm, probe),
+            _probe_adder(out_shape, perm),
+            probe,
+        )
 
     def match(self, eqn: Any, found: list) -> _Match | None:
         name = eqn.primitive.name
@@ -130,7 +143,8 @@ class _Walker:
         index, origin = found[0]
         out_shape = tuple(eqn.outvars[0].aval.shape)
         shapes = [tuple(v.aval.shape) for v in eqn.invars]
-        if name == "dot_general" and origin.feature_dims is None:
+        broadcast = origin.feature_dims is not None
+        if name == "dot_general" and not broadcast:
             (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
             if lb or rb:
                 return None
@@ -139,83 +153,48 @@ class _Walker:
             fx = [d for d in range(len(shapes[xi])) if d not in cx]
             n_w_free = len(shapes[index]) - len(cx)
             tokens = list(range(len(fx))) if xi == 0 else list(range(n_w_free, len(out_shape)))
-            features = [d for d in range(len(out_shape)) if d not in tokens]
-            perm, probe = _canonical(out_shape, tokens, features)
             n_in = math.prod(shapes[xi][d] for d in cx)
 
-            def dense_input(invals: list, xi: int = xi, order: list = fx + cx) -> Any:
-                return jnp.reshape(jnp.transpose(invals[xi], order), (1, -1, n_in))
+            def dense_input(invals: list, perm: list, probe: tuple) -> Any:
+                return jnp.reshape(jnp.transpose(invals[xi], fx + cx), (1, -1, n_in))
 
-            return self._use(
-                "dense",
-                {"weight": origin.name},
-                structured_input=dense_input,
-                add_probe=_probe_adder(out_shape, perm),
-                probe_shape=probe,
-            )
-        if name == "conv_general_dilated" and index == 1 and origin.feature_dims is None:
+            return self._use("dense", "weight", origin.name, out_shape, tokens, dense_input)
+        if name == "conv_general_dilated" and index == 1 and not broadcast:
             prm = eqn.params
             if prm["batch_group_count"] != 1 or any(d != 1 for d in prm["lhs_dilation"]):
                 return None
             dn = prm["dimension_numbers"]
-            tokens = [dn.out_spec[0], *dn.out_spec[2:]]
-            perm, probe = _canonical(out_shape, tokens, [dn.out_spec[1]])
-            groups = prm["feature_group_count"]
             filter_shape = tuple(shapes[1][d] for d in dn.rhs_spec[2:])
 
-            def patch_input(invals: list, prm: dict = prm, perm: list = perm, groups: int = groups) -> Any:
+            def patch_input(invals: list, perm: list, probe: tuple) -> Any:
                 patches = jax.lax.conv_general_dilated_patches(
-                    invals[0],
-                    filter_shape,
-                    prm["window_strides"],
-                    prm["padding"],
-                    rhs_dilation=prm["rhs_dilation"],
-                    dimension_numbers=prm["dimension_numbers"],
-                )
-                return jnp.reshape(jnp.transpose(patches, perm), (1, probe[1], groups, -1))
+                    invals[0], filter_shape, prm["window_strides"], prm["padding"],
+                    rhs_dilation=prm["rhs_dilation"], dimension_numbers=dn,
+                )  # fmt: skip
+                return jnp.reshape(jnp.transpose(patches, perm), (1, probe[1], prm["feature_group_count"], -1))
 
-            return self._use(
-                "conv",
-                {"weight": origin.name},
-                structured_input=patch_input,
-                add_probe=_probe_adder(out_shape, perm),
-                probe_shape=probe,
-            )
+            tokens = [dn.out_spec[0], *dn.out_spec[2:]]
+            return self._use("conv", "weight", origin.name, out_shape, tokens, patch_input)
         if name in ("add", "sub", "mul"):
             other = 1 - index
-            if shapes[other] != out_shape:
-                return None
             features = _feature_dims(origin, shapes[index], out_shape)
-            if features is None:
+            if shapes[other] != out_shape or features is None:
                 return None
             tokens = [d for d in range(len(out_shape)) if d not in features]
-            perm, probe = _canonical(out_shape, tokens, features)
             if name == "mul":
 
-                def scale_input(invals: list, other: int = other, perm: list = perm, probe: tuple = probe) -> Any:
+                def scale_input(invals: list, perm: list, probe: tuple) -> Any:
                     return jnp.reshape(jnp.transpose(invals[other], perm), probe)
 
-                return self._use(
-                    "affine",
-                    {"scale": origin.name},
-                    structured_input=scale_input,
-                    add_probe=_probe_adder(out_shape, perm),
-                    probe_shape=probe,
-                )
-            sign = -1.0 if (name == "sub" and index == 1) else 1.0
+                return self._use("affine", "scale", origin.name, out_shape, tokens, scale_input)
+            sign = -1.0 if (name == "sub" and index == 1) else 1.0  # ∂(a - b)/∂b = -1
             dtype = eqn.outvars[0].aval.dtype
 
-            def bias_input(invals: list, s: int = probe[1], sign: float = sign, dtype: Any = dtype) -> Any:
-                return jnp.full((1, s, 1), sign, dtype=dtype)
+            def bias_input(invals: list, perm: list, probe: tuple) -> Any:  # a dense layer on a constant ±1
+                return jnp.full((1, probe[1], 1), sign, dtype=dtype)
 
-            return self._use(
-                "dense",
-                {"weight": origin.name},
-                structured_input=bias_input,
-                add_probe=_probe_adder(out_shape, perm),
-                probe_shape=probe,
-            )
-        if name == "gather" and index == 0 and origin.exact and origin.feature_dims is None:
+            return self._use("dense", "weight", origin.name, out_shape, tokens, bias_input)
+        if name == "gather" and index == 0 and origin.exact and not broadcast:
             dn = eqn.params["dimension_numbers"]
             simple = (
                 len(shapes[0]) == 2
@@ -228,19 +207,11 @@ class _Walker:
             )
             if not simple:
                 return None
-            tokens = list(range(len(out_shape) - 1))
-            perm, probe = _canonical(out_shape, tokens, [len(out_shape) - 1])
 
-            def ids_input(invals: list) -> Any:
+            def ids_input(invals: list, perm: list, probe: tuple) -> Any:
                 return jnp.reshape(invals[1][..., 0], (1, -1))
 
-            return self._use(
-                "embedding",
-                {"table": origin.name},
-                structured_input=ids_input,
-                add_probe=_probe_adder(out_shape, perm),
-                probe_shape=probe,
-            )
+            return self._use("embedding", "table", origin.name, out_shape, list(range(len(out_shape) - 1)), ids_input)
         return None
 
 
