@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import Built
-from .spec import spec
+from .spec import spec, structured_inputs
 
 CAPABILITIES = frozenset({"structured"})
 DTYPES = {"float32": jnp.float32, "float64": jnp.float64}
@@ -230,12 +230,7 @@ def structured_case(name: str):
     params = jax.tree_util.tree_map(
         lambda s: jnp.asarray(rng.normal(size=s) / np.sqrt(s[0])), shapes, is_leaf=lambda s: isinstance(s, tuple)
     )
-    if name in ("norms", "convs"):
-        x1, x2 = rng.normal(size=(4, 8, 8, 2)), rng.normal(size=(3, 8, 8, 2))
-    elif name == "twice":
-        x1, x2 = rng.normal(size=(4, 6)), rng.normal(size=(3, 6))
-    else:
-        x1, x2 = rng.integers(0, 11, size=(4, 5)), rng.integers(0, 11, size=(3, 5))
+    x1, x2 = structured_inputs(name)
     expected = {"twice": None, "tied": "embed", "attention": None, "norms": None, "convs": None}[name]
     return Built(f, {"params": params}), jnp.asarray(x1), jnp.asarray(x2), expected
 

@@ -117,3 +117,16 @@ def inputs(name: str) -> tuple[np.ndarray, np.ndarray]:
     case = spec(name)
     rng = np.random.default_rng(1000 + sum(map(ord, name)))
     return rng.normal(size=(N1, *case.input_shape)), rng.normal(size=(N2, *case.input_shape))
+
+
+def structured_inputs(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """x1 (4 examples) and x2 (3) of the structured-derivatives cases (each framework's own models).
+
+    ``norms``/``convs`` take (8, 8, 2) images, ``twice`` 6 features, the others 5 token ids < 11.
+    """
+    rng = np.random.default_rng(2000 + sum(map(ord, name)))
+    if name in ("norms", "convs"):
+        return rng.normal(size=(4, 8, 8, 2)), rng.normal(size=(3, 8, 8, 2))
+    if name == "twice":
+        return rng.normal(size=(4, 6)), rng.normal(size=(3, 6))
+    return rng.integers(0, 11, size=(4, 5)), rng.integers(0, 11, size=(3, 5))

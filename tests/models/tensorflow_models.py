@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from . import Built
-from .spec import spec
+from .spec import spec, structured_inputs
 
 CAPABILITIES = frozenset({"structured"})
 DTYPES = {"float32": tf.float32, "float64": tf.float64}
@@ -204,12 +204,7 @@ def structured_case(name: str):
             layer.moving_variance.assign(rng.uniform(0.5, 1.5, size=4))
     for variable in model.trainable_variables:
         variable.assign(variable + 0.1 * rng.normal(size=variable.shape))
-    if name in ("norms", "convs"):
-        x1, x2 = rng.normal(size=(4, 8, 8, 2)), rng.normal(size=(3, 8, 8, 2))
-    elif name == "twice":
-        x1, x2 = rng.normal(size=(4, 6)), rng.normal(size=(3, 6))
-    else:
-        x1, x2 = rng.integers(0, 11, size=(4, 5)), rng.integers(0, 11, size=(3, 5))
+    x1, x2 = structured_inputs(name)
     expected = {"twice": None, "tied": "embed", "attention": "attention", "norms": None, "convs": None}[name]
     return Built(model, {}), x1, x2, expected
 

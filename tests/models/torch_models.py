@@ -11,7 +11,7 @@ from torch import nn
 from ntkcore_torch import FactorizedLinear
 
 from . import Built
-from .spec import spec
+from .spec import spec, structured_inputs
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 CAPABILITIES = frozenset({"structured"})
@@ -267,7 +267,6 @@ def structured_case(name: str) -> tuple[Built, np.ndarray, np.ndarray, str | Non
         torch.manual_seed(0)
         models = {"twice": _Twice, "tied": _TiedTokens, "attention": _Attention, "norms": _Norms, "convs": _Convs}
         model = models[name]()
-        rng = np.random.default_rng(7)
         if name in ("norms", "convs"):
             with torch.no_grad():
                 for module in model.modules():
@@ -276,11 +275,7 @@ def structured_case(name: str) -> tuple[Built, np.ndarray, np.ndarray, str | Non
                         module.running_var.uniform_(0.5, 1.5)
                 for p in model.parameters():
                     p.add_(0.1 * torch.randn_like(p))
-            x1, x2 = rng.normal(size=(4, 8, 8, 2)), rng.normal(size=(3, 8, 8, 2))
-        elif name == "twice":
-            x1, x2 = rng.normal(size=(4, 6)), rng.normal(size=(3, 6))
-        else:
-            x1, x2 = rng.integers(0, 11, size=(4, 5)), rng.integers(0, 11, size=(3, 5))
+        x1, x2 = structured_inputs(name)
         expected = {"twice": None, "tied": "embed.weight", "attention": "attention", "norms": None, "convs": None}[name]
         return Built(model.eval()), x1, x2, expected
     finally:
