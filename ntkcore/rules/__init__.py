@@ -26,8 +26,6 @@ from ..algorithms._common import device_of
 from ..algorithms.jacobian_contraction import contract
 from ..axes import KernelAxes, Label, permute_to
 
-KINDS = ("dense", "conv", "affine", "embedding")
-
 
 def _batch_labels(axes: KernelAxes) -> list[Label]:
     return [("d", 0)] if 0 in axes.diagonal else [(1, 0), (2, 0)]
