@@ -1,17 +1,19 @@
 """Per-layer capture for structured derivatives on Keras 3 models.
 
-The ``call`` of each layer with a rule (Dense, Embedding, LayerNormalization,
+The ``call`` of each layer with a rule (Dense, EinsumDense — so MultiHeadAttention's
+projections —, convolutions, Embedding, LayerNormalization, RMSNormalization,
 BatchNormalization) is wrapped for the duration of a forward pass: the wrapper records the
 structured input and adds the probe to the layer's pre-activation output. A normalisation's
 x̂ is the layer's own output with γ = 1 and β = 0, so it follows Keras' semantics exactly.
 A discovery pass reads every trainable variable through an auditing ``StatelessScope``: a
 variable read outside its own layer's call (tied weights) is excluded, so an unseen use never
-gives a wrong number. Everything else (convolutions, EinsumDense, MultiHeadAttention, a
-``tf.Module``) takes the exact per-layer fallback.
+gives a wrong number. Everything else (other layers, a ``tf.Module``) takes the exact
+per-layer fallback.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -28,6 +30,9 @@ def _rule(keras: Any, layer: Any) -> tuple[str, dict[str, Any], int] | None:
     plain = not getattr(layer, "lora_enabled", False) and getattr(layer, "quantization_mode", None) is None
     if isinstance(layer, layers.Dense) and type(layer) is layers.Dense and plain:
         return "dense", {"weight": layer.kernel, "bias": layer.bias}, -1
+    if type(layer) is layers.EinsumDense and plain and _einsum_contracted(layer) is not None:
+        bias = layer.bias if layer.bias_axes == _einsum_outputs(layer) else None  # else: fallback
+        return "dense", {"weight": layer.kernel, "bias": bias}, -1
     convs = (layers.Conv1D, layers.Conv2D, layers.DepthwiseConv2D)
     if type(layer) in convs and plain and layer.data_format == "channels_last" and layer.padding in ("valid", "same"):
         return "conv", {"weight": layer.kernel, "bias": layer.bias}, -1
@@ -40,6 +45,43 @@ def _rule(keras: Any, layer: Any) -> tuple[str, dict[str, Any], int] | None:
     if isinstance(layer, layers.BatchNormalization) and isinstance(layer.axis, int):
         return "affine", {"scale": layer.gamma, "shift": layer.beta}, layer.axis
     return None
+
+
+def _einsum_parts(layer: Any) -> tuple[str, str, str] | None:
+    match = re.fullmatch(r"((?:\.\.\.)?[a-z]*),([a-z]+)->((?:\.\.\.)?[a-z]*)", layer.equation.replace(" ", ""))
+    return None if match is None else match.groups()
+
+
+def _einsum_outputs(layer: Any) -> str | None:
+    """The kernel axes an EinsumDense keeps (its output features), in kernel order."""
+    parts = _einsum_parts(layer)
+    return None if parts is None else "".join(c for c in parts[1] if c in parts[2])
+
+
+def _einsum_contracted(layer: Any) -> int | None:
+    """How many trailing input axes an EinsumDense contracts, when it is a dense layer on
+    flattened axes — input = free + contracted, kernel = contracted + kept, output = free +
+    kept, in that order (``abc,cde->abde``, ``abcd,cde->abe``, ``...b,bc->...c``) — else None."""
+    parts = _einsum_parts(layer)
+    if parts is None:
+        return None
+    x, kernel, output = parts
+    kept = _einsum_outputs(layer)
+    contracted = kernel[: len(kernel) - len(kept)]
+    free = x[: len(x) - len(contracted)]
+    plain = len(set(kernel)) == len(kernel) and not set(free) & set(kernel)
+    ok = plain and kernel == contracted + kept and x.endswith(contracted) and output == free + kept
+    return len(contracted) if ok else None
+
+
+def _shape(t: Any) -> list:
+    """``t``'s shape, static where known."""
+    dynamic = tf.shape(t)
+    return [dynamic[i] if n is None else n for i, n in enumerate(t.shape)]
+
+
+def _flatten_from(t: Any, axis: int) -> tf.Tensor:
+    return tf.reshape(t, (*_shape(t)[:axis], -1))
 
 
 def _patches(layer: Any, x: Any) -> tf.Tensor:
@@ -120,7 +162,13 @@ def capture(model: Any, params: Mapping[str, Any], apply: Callable, x: Any) -> C
                             out = original(inputs_, *args, **kwargs)
                         finally:
                             layer.activation = activation
-                        inputs[key] = inputs_ if kind == "dense" else _patches(layer, inputs_)
+                        if kind == "dense":  # contracted axes and output features flattened
+                            contracted = _einsum_contracted(layer) if type(layer) is keras.layers.EinsumDense else 1
+                            free = len(inputs_.shape) - contracted
+                            inputs[key], native = _flatten_from(inputs_, free), _shape(out)
+                            out = _flatten_from(out, free)
+                        else:
+                            inputs[key] = _patches(layer, inputs_)
                     elif kind == "embedding":
                         out = original(inputs_, *args, **kwargs)
                         inputs[key] = tf.cast(inputs_, tf.int64)
@@ -139,6 +187,8 @@ def capture(model: Any, params: Mapping[str, Any], apply: Callable, x: Any) -> C
                 shapes[key] = tuple(out.shape)
                 if probes is not None:
                     out = out + probes[key]
+                if kind == "dense":
+                    out = tf.reshape(out, native)
                 return layer.activation(out) if kind in ("dense", "conv") else out
 
             return call

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import array_api_compat
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ntkcore.protocol import Capture, PreparedModel
 
@@ -18,6 +20,19 @@ __all__ = ["FactorizedLinear", "TorchBackend"]
 
 _BATCH_NORMS = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+@contextmanager
+def _differentiable_kernels() -> Iterator[None]:
+    """Attention by its plain formula: the fused inference kernels (MultiheadAttention's and
+    TransformerEncoderLayer's fast path, flash SDPA on CPU) have no forward-mode AD."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 def _trainable(model: nn.Module, params: Any) -> dict[str, torch.Tensor]:
@@ -52,7 +67,8 @@ class TorchBackend:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module for the torch backend, got {type(model).__name__}")
         for name, module in model.named_modules():
-            if isinstance(module, _DROPOUTS) and module.training and module.p > 0:
+            dropout = module.p if isinstance(module, _DROPOUTS) else getattr(module, "dropout", 0)
+            if isinstance(module, (*_DROPOUTS, nn.MultiheadAttention)) and module.training and dropout > 0:
                 raise ValueError(
                     f"model: {type(module).__name__} {name!r} is in training mode, so f is random and has "
                     "no well-defined kernel; call model.eval() first"
@@ -66,7 +82,8 @@ class TorchBackend:
             # so the kernel has no side effect on the model and the transforms see no mutation
             # of a captured tensor.
             fresh = {name: b.clone() for name, b in buffers.items()}
-            return torch.func.functional_call(model, {**fresh, **p}, (x,))
+            with _differentiable_kernels():
+                return torch.func.functional_call(model, {**fresh, **p}, (x,))
 
         has_embedding = any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in model.modules())
         return PreparedModel(

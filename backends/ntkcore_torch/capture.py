@@ -2,13 +2,16 @@
 
 A discovery pass on a batch of one records, under a ``TorchFunctionMode``, every call of a
 supported layer (its output shape) and every use of a trainable parameter outside its own
-layer's call (tied weights, ``F.linear(x, other.weight)``, MultiheadAttention's projections):
-those parameters go to the exact fallback, so a hook that cannot see a use never gives a
-wrong number.
+layer's call (tied weights, ``F.linear(x, other.weight)``): those parameters go to the exact
+fallback, so a hook that cannot see a use never gives a wrong number. MultiheadAttention's
+self-attention is run by an explicit forward during capture, so that its in-projection is one
+dense layer and its output projection a call of ``out_proj``; cross-attention falls back.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -27,6 +30,9 @@ def _rule(module: nn.Module) -> tuple[str, dict[str, str], int] | None:
     """(kind, role -> attribute, feature axis) for a module with a structure rule, else None."""
     if isinstance(module, nn.Linear):
         return "dense", {"weight": "weight", "bias": "bias"}, -1
+    if isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim and module.bias_k is None:
+        if not module.add_zero_attn:
+            return "dense", {"weight": "in_proj_weight", "bias": "in_proj_bias"}, -1
     if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.padding_mode == "zeros":
         return "conv", {"weight": "weight", "bias": "bias"}, 1
     if isinstance(module, nn.Embedding) and module.padding_idx is None and module.max_norm is None:
@@ -78,6 +84,57 @@ def _structured_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _additive(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | float:
+    """An attention mask as added to the scores: True (or -inf) forbids a position."""
+    if mask is None:
+        return 0.0
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=like.dtype, device=like.device).masked_fill(mask, -math.inf)
+    return mask.to(like.dtype)
+
+
+def _self_attention(
+    module: nn.MultiheadAttention,
+    record: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    refuse: Callable[[], None],
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    need_weights: bool = True,
+    attn_mask: torch.Tensor | None = None,
+    average_attn_weights: bool = True,
+    is_causal: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``MultiheadAttention.forward`` written out for self-attention: ``record`` sees the
+    in-projection's input and output; other uses run the module's own forward, unrecorded."""
+    if not (query is key and key is value):
+        refuse()
+        return type(module).forward(
+            module, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
+        )
+    batched = query.dim() == 3
+    x = query if batched and module.batch_first else query.transpose(0, 1) if batched else query.unsqueeze(0)
+    n, length, width = x.shape
+    heads = module.num_heads
+    qkv = record(x, F.linear(x, module.in_proj_weight, module.in_proj_bias))
+    q, k, v = (t.reshape(n, length, heads, -1).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+    scores = q @ k.transpose(-2, -1) / math.sqrt(width // heads)
+    if attn_mask is None and is_causal:
+        attn_mask = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
+    if attn_mask is not None and attn_mask.dim() == 3:
+        attn_mask = attn_mask.reshape(n, heads, length, length)
+    if key_padding_mask is not None:
+        key_padding_mask = key_padding_mask.reshape(n, 1, 1, length)
+    weights = torch.softmax(scores + _additive(attn_mask, scores) + _additive(key_padding_mask, scores), dim=-1)
+    out = module.out_proj((weights @ v).transpose(1, 2).reshape(n, length, width))
+    out = out if batched and module.batch_first else out.transpose(0, 1) if batched else out.squeeze(0)
+    if not need_weights:
+        return out, None
+    weights = weights.mean(dim=1) if average_attn_weights else weights
+    return out, weights if batched else weights.squeeze(0)
+
+
 class _Audit(TorchFunctionMode):
     """Records uses of trainable parameters made outside their own layer's call."""
 
@@ -94,6 +151,16 @@ class _Audit(TorchFunctionMode):
                 if owner is not None and (not self.active or self.active[-1] != owner):
                     self.outside.add(self.names[id(tensor)])
         return func(*args, **(kwargs or {}))
+
+
+class _Restore:
+    """Removes a module's patched ``forward``, like a hook handle."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def remove(self) -> None:
+        del self.module.forward
 
 
 def capture(model: nn.Module, params: Mapping[str, torch.Tensor], call: Callable, x: torch.Tensor) -> Capture:
@@ -116,22 +183,37 @@ def capture(model: nn.Module, params: Mapping[str, torch.Tensor], call: Callable
         counters: dict[str, int] = defaultdict(int)
         inputs: dict[str, torch.Tensor] = {}
         shapes: dict[str, tuple[int, ...]] = {}
-        handles = []
-        for name, (module, *_rest) in supported.items():
+        handles: list = []
+
+        def record(name: str, structured_input: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+            key = f"{name}#{counters[name]}"
+            counters[name] += 1
+            inputs[key] = structured_input
+            shapes[key] = tuple(output.shape)
+            return output if probes is None else output + probes[key]
+
+        for name, (module, _, roles, _) in supported.items():
+            attention = isinstance(module, nn.MultiheadAttention)
 
             def pre(mod: nn.Module, args: tuple, name: str = name) -> None:
                 if audit is not None:
                     audit.active.append(name)
 
-            def post(mod: nn.Module, args: tuple, output: torch.Tensor, name: str = name) -> torch.Tensor:
-                key = f"{name}#{counters[name]}"
-                counters[name] += 1
-                inputs[key] = _structured_input(mod, args[0])
-                shapes[key] = tuple(output.shape)
+            def post(mod: nn.Module, args: tuple, output: Any, name: str = name, attention: bool = attention) -> Any:
+                if not attention:
+                    output = record(name, _structured_input(mod, args[0]), output)
                 if audit is not None:
                     audit.active.pop()
-                return output if probes is None else output + probes[key]
+                return output
 
+            if attention:
+
+                def refuse(roles: dict[str, str] = roles) -> None:
+                    if audit is not None:  # a use the records do not see: exact fallback
+                        audit.outside.update(roles.values())
+
+                module.forward = functools.partial(_self_attention, module, functools.partial(record, name), refuse)
+                handles.append(_Restore(module))
             handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
         return handles, inputs, shapes
 

@@ -81,6 +81,20 @@ def _forward(case: str, consts: dict):
 
         def f(p, x):
             return _dense(p, "l2", jnp.tanh(_dense(p, "l1", x))).reshape(x.shape[0], 3, 2)
+    elif case == "transformer":
+
+        def f(p, ids):
+            table = p["embed"]["table"]
+            h = table[ids]
+            a = _layer_norm(h, p["ln1"]["gamma"], p["ln1"]["beta"])
+            n, s, _ = a.shape
+            q, k, v = ((a @ p["attn"][f"w{c}"] + p["attn"][f"b{c}"]).reshape(n, s, 2, 4) for c in "qkv")
+            scores = jnp.einsum("nshd,nthd->nhst", q, k) / 2.0
+            scores = jnp.where(jnp.tril(jnp.ones((s, s), bool)), scores, -jnp.inf)
+            heads = jnp.einsum("nhst,nthd->nshd", jax.nn.softmax(scores, axis=-1), v).reshape(n, s, 8)
+            h = h + heads @ p["attn"]["wo"] + p["attn"]["bo"]
+            h = h + _dense(p, "mlp2", jax.nn.relu(_dense(p, "mlp1", _layer_norm(h, p["ln2"]["gamma"], p["ln2"]["beta"]))))
+            return h @ table.T
     else:
         raise KeyError(case)
     return f
@@ -109,7 +123,7 @@ def build(case: str, dtype: str) -> Built:
 def reference_jacobians(case: str, x: np.ndarray) -> dict[str, np.ndarray]:
     params, consts = _split(case, "float64")
     f = _forward(case, consts)
-    jac = jax.jacrev(f)(params, jnp.asarray(x, dtype=jnp.float64))
+    jac = jax.jacrev(f)(params, to_native(x, "float64"))
     n_out = len(spec(case).output_shape) + 1
     flat = jax.tree_util.tree_flatten_with_path(jac)[0]
     return {".".join(k.key for k in path): np.asarray(leaf).reshape((*leaf.shape[:n_out], -1)) for path, leaf in flat}

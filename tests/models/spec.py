@@ -18,6 +18,11 @@ Cases:
   Trainable: ``l1.*``, ``bn.gamma``, ``bn.beta``, ``l3.*``; constants: ``bn.mean``,
   ``bn.var``, ``l2.*``.
 - ``multi_output``: dense 5 → 8 → tanh → dense 8 → 6 → reshape to (3, 2): output (N, 3, 2).
+- ``transformer``: a pre-LayerNorm block over 4 token ids < 7: embedding table E (7 × 8);
+  h = E[ids]; h = h + attention(LN1(h)) with 2 causal heads of width 4 (q, k, v and the output
+  projection are dense 8 → 8 with bias; a head is 4 consecutive features; scores scaled by
+  1/√4); h = h + dense 16 → 8 (relu(dense 8 → 16 (LN2(h)))); logits h·Eᵀ tied to the
+  embedding: output (N, 4, 7).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class CaseSpec:
     output_shape: tuple[int, ...]
     weights: dict[str, np.ndarray]
     constants: tuple[str, ...] = ()  # frozen weights and buffers: not parameters of the kernel
+    vocabulary: int | None = None  # inputs are integer ids below this, not real features
 
     @property
     def n_trainable(self) -> int:
@@ -93,6 +99,17 @@ def _multi_output(rng: np.random.Generator) -> dict[str, np.ndarray]:
     return {**_dense(rng, "l1", 5, 8), **_dense(rng, "l2", 8, 6)}
 
 
+def _transformer(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    weights = {"embed.table": rng.normal(size=(7, 8))}
+    for name in ("ln1", "ln2"):
+        weights[f"{name}.gamma"] = 1.0 + 0.1 * rng.normal(size=(8,))
+        weights[f"{name}.beta"] = 0.1 * rng.normal(size=(8,))
+    for name in ("q", "k", "v", "o"):
+        weights[f"attn.w{name}"] = rng.normal(size=(8, 8)) / np.sqrt(8)
+        weights[f"attn.b{name}"] = 0.1 * rng.normal(size=(8,))
+    return {**weights, **_dense(rng, "mlp1", 8, 16), **_dense(rng, "mlp2", 16, 8)}
+
+
 _BUILDERS = {
     "mlp": ((6,), (3,), _mlp, ()),
     "cnn": ((8, 8, 2), (3,), _cnn, ()),
@@ -100,7 +117,9 @@ _BUILDERS = {
     "layernorm": ((6,), (3,), _layernorm, ()),
     "batchnorm_frozen": ((6,), (3,), _batchnorm_frozen, ("bn.mean", "bn.var", "l2.w", "l2.b")),
     "multi_output": ((5,), (3, 2), _multi_output, ()),
+    "transformer": ((4,), (4, 7), _transformer, ()),
 }
+_VOCABULARY = {"transformer": 7}
 CASES = tuple(_BUILDERS)
 N1, N2 = 4, 3
 
@@ -109,13 +128,15 @@ def spec(name: str) -> CaseSpec:
     """The case ``name`` with its weights (float64; frameworks cast to the tested dtype)."""
     input_shape, output_shape, build, constants = _BUILDERS[name]
     rng = np.random.default_rng(sum(map(ord, name)))
-    return CaseSpec(name, input_shape, output_shape, build(rng), constants)
+    return CaseSpec(name, input_shape, output_shape, build(rng), constants, _VOCABULARY.get(name))
 
 
 def inputs(name: str) -> tuple[np.ndarray, np.ndarray]:
-    """The x1 (N1 examples) and x2 (N2 examples) of case ``name``, float64."""
+    """The x1 (N1 examples) and x2 (N2 examples) of case ``name``: float64, or integer ids."""
     case = spec(name)
     rng = np.random.default_rng(1000 + sum(map(ord, name)))
+    if case.vocabulary is not None:
+        return tuple(rng.integers(0, case.vocabulary, size=(n, *case.input_shape)) for n in (N1, N2))
     return rng.normal(size=(N1, *case.input_shape)), rng.normal(size=(N2, *case.input_shape))
 
 

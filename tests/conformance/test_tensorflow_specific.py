@@ -1,0 +1,53 @@
+"""Keras' EinsumDense in the equations users write: dense on flattened axes is structured;
+a bias over only part of the output, or an equation that is not a dense layer, falls back
+(exact, warned) for what it cannot cover."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import ntkcore
+
+
+@pytest.fixture
+def keras(active_backends):
+    if "tensorflow" not in active_backends:
+        pytest.skip("tensorflow not under test")
+    import keras
+
+    return keras
+
+
+@pytest.mark.parametrize(
+    ("equation", "output_shape", "bias_axes", "fallback"),
+    [
+        ("abc,cd->abd", (4, 5), "d", None),
+        ("abc,cde->abde", (4, 2, 3), "de", None),
+        ("...c,cd->...d", 5, "d", None),
+        ("abc,cde->abde", (4, 2, 3), "e", "bias"),  # bias broadcast over d: not a dense bias
+        ("abc,bcd->abd", (4, 5), None, "kernel"),  # a weight per token: no dense rule
+    ],
+)
+def test_einsum_dense(keras, equation, output_shape, bias_axes, fallback):
+    L = keras.layers
+    inputs = keras.Input((4, 3), dtype="float64")
+    layer = L.EinsumDense(equation, output_shape, bias_axes=bias_axes, activation="tanh", name="ed", dtype="float64")
+    h = L.Flatten(dtype="float64")(layer(inputs))
+    model = keras.Model(inputs, L.Dense(2, name="head", dtype="float64")(h))
+    rng = np.random.default_rng(0)
+    for variable in model.trainable_variables:
+        variable.assign(rng.normal(size=variable.shape) / 2)
+    x1, x2 = rng.normal(size=(3, 4, 3)), rng.normal(size=(2, 4, 3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kernel = ntkcore.ntk(model, x1, x2, implementation="structured")
+    expected = ntkcore.ntk(model, x1, x2, implementation="jacobian_contraction")
+    np.testing.assert_allclose(np.asarray(kernel), np.asarray(expected), rtol=1e-10, atol=1e-12)
+    messages = [str(w.message) for w in caught if issubclass(w.category, ntkcore.StructuredFallbackWarning)]
+    if fallback is None:
+        assert messages == []
+    else:
+        assert len(messages) == 1 and f"ed/{fallback}" in messages[0], messages

@@ -1,0 +1,78 @@
+"""PyTorch's MultiheadAttention in every calling convention: structured derivatives capture its
+self-attention (in-projection and output projection as dense layers) and fall back, exactly
+and with a warning, where they cannot (cross-attention)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import ntkcore
+
+
+@pytest.fixture
+def torch(active_backends):
+    if "torch" not in active_backends:
+        pytest.skip("torch not under test")
+    import torch
+
+    return torch
+
+
+def _model(torch, *, batch_first: bool, mode: str):
+    nn = torch.nn
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(6, 3, batch_first=batch_first)
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, x):
+            seq = x if batch_first else x.transpose(0, 1)
+            length = seq.shape[1] if batch_first else seq.shape[0]
+            if mode == "cross":
+                out, _ = self.attn(seq, seq.flip(-1), seq)
+            elif mode == "masks":
+                padding = torch.zeros(x.shape[0], length, dtype=x.dtype)
+                padding[:, -1] = -torch.inf
+                causal = torch.full((length, length), -1.5, dtype=x.dtype).triu(1)  # float masks
+                out, _ = self.attn(seq, seq, seq, key_padding_mask=padding, attn_mask=causal)
+            else:
+                out, weights = self.attn(seq, seq, seq, need_weights=mode == "weights")
+            out = out if batch_first else out.transpose(0, 1)
+            if mode == "weights":  # (N, L, S) head-averaged attention weights
+                out = out + weights[..., :1]
+            return self.head(torch.tanh(out)).mean(dim=1)
+
+    torch.manual_seed(0)
+    return Block().double().eval()
+
+
+@pytest.mark.parametrize("mode", ["plain", "weights", "masks", "cross"])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention(torch, batch_first, mode):
+    model = _model(torch, batch_first=batch_first, mode=mode)
+    rng = np.random.default_rng(0)
+    x1, x2 = (torch.as_tensor(rng.normal(size=(n, 4, 6))) for n in (3, 2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kernel = ntkcore.ntk(model, x1, x2, implementation="structured")
+    expected = ntkcore.ntk(model, x1, x2, implementation="jacobian_contraction")
+    np.testing.assert_allclose(kernel.numpy(), expected.numpy(), rtol=1e-10, atol=1e-12 * expected.abs().max().item())
+    nvp = ntkcore.ntk(model, x1, x2, implementation="ntk_vector_products")  # forward mode through attention
+    np.testing.assert_allclose(nvp.numpy(), expected.numpy(), rtol=1e-10, atol=1e-12 * expected.abs().max().item())
+    messages = [str(w.message) for w in caught if issubclass(w.category, ntkcore.StructuredFallbackWarning)]
+    if mode == "cross":
+        assert len(messages) == 1 and "attn.in_proj_weight" in messages[0] and "attn.out_proj.weight" in messages[0]
+    else:
+        assert messages == []
+
+
+def test_attention_dropout_in_training_is_refused(torch):
+    model = _model(torch, batch_first=True, mode="plain").train()
+    model.attn.dropout = 0.1
+    with pytest.raises(ValueError, match=r"MultiheadAttention 'attn' is in training mode"):
+        ntkcore.ntk(model, torch.zeros(2, 4, 6, dtype=torch.float64))
