@@ -33,13 +33,14 @@ class _Origin:
     bijective reshuffle, or a broadcast (``feature_dims``: output dims holding its entries)."""
 
     name: str
-    exact: bool = True
+    exact: bool = True  # False once reshaped or transposed: entries no longer in their own layout
     feature_dims: tuple[int, ...] | None = None  # set for broadcasts
 
 
 @dataclass(frozen=True)
 class _Match:
     use: LayerUse
+    exact: bool  # the parameter in its own layout: several such uses of it are one layer's calls
     structured_input: Callable[[list], Any]
     add_probe: Callable[[Any, Any], Any]
     probe_shape: tuple[int, ...]
@@ -108,7 +109,8 @@ class _Walker:
                     )
                     continue
             if name == "broadcast_in_dim" and found[0][1].feature_dims is None:
-                origins[eqn.outvars[0]] = _Origin(found[0][1].name, False, tuple(eqn.params["broadcast_dimensions"]))
+                origin = found[0][1]
+                origins[eqn.outvars[0]] = _Origin(origin.name, origin.exact, tuple(eqn.params["broadcast_dimensions"]))
                 continue
             match = self.match(eqn, found)
             if match is None:
@@ -118,7 +120,7 @@ class _Walker:
         return [origins.get(v) for v in jaxpr.outvars]
 
     def _use(
-        self, kind: str, role: str, name: str, out_shape: tuple, tokens: list[int], make_input: Callable
+        self, kind: str, role: str, origin: _Origin, out_shape: tuple, tokens: list[int], make_input: Callable
     ) -> _Match:
         """A matched call: probes and inputs in canonical (1, tokens, features) layout.
 
@@ -130,7 +132,8 @@ class _Walker:
         key = f"{kind}#{self.count}"
         self.count += 1
         return _Match(
-            LayerUse(key, name, kind, {role: name}),
+            LayerUse(key, origin.name, kind, {role: origin.name}),
+            origin.exact,
             lambda invals: make_input(invals, perm, probe),
             _probe_adder(out_shape, perm),
             probe,
@@ -158,7 +161,7 @@ class _Walker:
             def dense_input(invals: list, perm: list, probe: tuple) -> Any:
                 return jnp.reshape(jnp.transpose(invals[xi], fx + cx), (1, -1, n_in))
 
-            return self._use("dense", "weight", origin.name, out_shape, tokens, dense_input)
+            return self._use("dense", "weight", origin, out_shape, tokens, dense_input)
         if name == "conv_general_dilated" and index == 1 and not broadcast:
             prm = eqn.params
             if prm["batch_group_count"] != 1 or any(d != 1 for d in prm["lhs_dilation"]):
@@ -174,7 +177,7 @@ class _Walker:
                 return jnp.reshape(jnp.transpose(patches, perm), (1, probe[1], prm["feature_group_count"], -1))
 
             tokens = [dn.out_spec[0], *dn.out_spec[2:]]
-            return self._use("conv", "weight", origin.name, out_shape, tokens, patch_input)
+            return self._use("conv", "weight", origin, out_shape, tokens, patch_input)
         if name in ("add", "sub", "mul"):
             other = 1 - index
             features = _feature_dims(origin, shapes[index], out_shape)
@@ -186,14 +189,14 @@ class _Walker:
                 def scale_input(invals: list, perm: list, probe: tuple) -> Any:
                     return jnp.reshape(jnp.transpose(invals[other], perm), probe)
 
-                return self._use("affine", "scale", origin.name, out_shape, tokens, scale_input)
+                return self._use("affine", "scale", origin, out_shape, tokens, scale_input)
             sign = -1.0 if (name == "sub" and index == 1) else 1.0  # ∂(a - b)/∂b = -1
             dtype = eqn.outvars[0].aval.dtype
 
             def bias_input(invals: list, perm: list, probe: tuple) -> Any:  # a dense layer on a constant ±1
                 return jnp.full((1, probe[1], 1), sign, dtype=dtype)
 
-            return self._use("dense", "weight", origin.name, out_shape, tokens, bias_input)
+            return self._use("dense", "weight", origin, out_shape, tokens, bias_input)
         if name == "gather" and index == 0 and origin.exact and not broadcast:
             dn = eqn.params["dimension_numbers"]
             simple = (
@@ -211,7 +214,7 @@ class _Walker:
             def ids_input(invals: list, perm: list, probe: tuple) -> Any:
                 return jnp.reshape(invals[1][..., 0], (1, -1))
 
-            return self._use("embedding", "table", origin.name, out_shape, list(range(len(out_shape) - 1)), ids_input)
+            return self._use("embedding", "table", origin, out_shape, list(range(len(out_shape) - 1)), ids_input)
         return None
 
 
@@ -249,9 +252,15 @@ def capture(apply: Callable, params: dict[str, Any], x: Any) -> Capture:
     order = [path[0].key for path, _ in jax.tree_util.tree_flatten_with_path(dict(params))[0]]
     walker = _Walker()
     walker.walk(closed.jaxpr, {var: _Origin(name) for var, name in zip(closed.jaxpr.invars, order)})
-    walker.matches = {
-        here: m for here, m in walker.matches.items() if next(iter(m.use.params.values())) not in walker.excluded
-    }
+    # Calls of one parameter are summed as calls of one layer, cross terms included, which
+    # needs its entries in the same layout in every call: x·W and y·Wᵀ are not.
+    calls: dict[str, list[_Match]] = {}
+    for match in walker.matches.values():
+        calls.setdefault(match.use.layer, []).append(match)
+    for name, found in calls.items():
+        if len(found) > 1 and not all(m.exact for m in found):
+            walker.excluded.setdefault(name, "is used several times, reshaped or transposed in some")
+    walker.matches = {here: m for here, m in walker.matches.items() if m.use.layer not in walker.excluded}
     matches = walker.matches
 
     def apply_probed(p: Mapping[str, Any], probes: Mapping[str, Any], batch: Any) -> tuple[Any, dict]:

@@ -107,3 +107,19 @@ def test_output_without_batch_axis(jax_zoo):
     x = jnp.asarray(inputs("mlp")[0])
     with pytest.raises(ValueError, match=r"model output of shape \(\) has no leading batch axis"):
         ntkcore.ntk(lambda p, x: jnp.sum(x @ p), x, params=jnp.ones((6, 2)))
+
+
+def test_weight_used_as_is_and_transposed(jax_zoo):
+    """x·W then h·Wᵀ: the two calls' entries are laid out differently, so W falls back, exactly."""
+    import jax.numpy as jnp
+
+    def f(p, x):
+        return jnp.tanh(jnp.tanh(x @ p["w"]) @ p["w"].T) @ p["head"]
+
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(5, 5))), "head": jnp.asarray(rng.normal(size=(5, 2)))}
+    x1, x2 = jnp.asarray(rng.normal(size=(3, 5))), jnp.asarray(rng.normal(size=(2, 5)))
+    with pytest.warns(ntkcore.StructuredFallbackWarning, match=r"'w' is used several times"):
+        kernel = ntkcore.ntk(f, x1, x2, params=params, implementation="structured")
+    expected = ntkcore.ntk(f, x1, x2, params=params, implementation="jacobian_contraction")
+    np.testing.assert_allclose(np.asarray(kernel), np.asarray(expected), rtol=1e-10, atol=1e-12)
