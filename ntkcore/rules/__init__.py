@@ -107,9 +107,9 @@ def dense(
     jac1, jac2 = {}, {}
     for jac, x, g in ((jac1, x1, g1), (jac2, x2, g2)):
         lead = tuple(g.shape[:-2])
-        if "weight" in roles:  # Σ_s g_sᵀ x_s: (N, *out, F, in)
-            gt = xp.reshape(g, (g.shape[0], -1, g.shape[-2], f))
-            grad = xp.matmul(xp.permute_dims(gt, (0, 1, 3, 2)), xp.reshape(x, (x.shape[0], 1, s, n_in)))
+        if "weight" in roles:  # Σ_s g_sᵀ x_s: (N, *out, F, in), the outputs folded into the rows
+            gt = xp.permute_dims(xp.reshape(g, (g.shape[0], -1, s, f)), (0, 1, 3, 2))  # (N, O, F, S)
+            grad = xp.matmul(xp.reshape(gt, (g.shape[0], -1, s)), x)  # (N, O·F, in)
             jac["weight"] = xp.reshape(grad, (*lead, f * n_in))
         if "bias" in roles:
             jac["bias"] = xp.sum(g, axis=-2)
@@ -137,11 +137,13 @@ def conv(xp: Any, x1: Any, g1: Any, x2: Any, g2: Any, axes: KernelAxes, roles: s
     for jac, x, g in ((jac1, x1, g1), (jac2, x2, g2)):
         n, s, groups, k = x.shape
         lead = tuple(g.shape[:-2])
-        if "weight" in roles:
-            gg = xp.reshape(g, (n, -1, s, groups, g.shape[-1] // groups))  # (N, O, S, G, F)
-            gg = xp.permute_dims(gg, (0, 1, 3, 4, 2))  # (N, O, G, F, S)
-            patches = xp.reshape(xp.permute_dims(x, (0, 2, 1, 3)), (n, 1, groups, s, k))  # (N, 1, G, S, K)
-            jac["weight"] = xp.reshape(xp.matmul(gg, patches), (*lead, -1))
+        if "weight" in roles:  # one matmul per example and group, the outputs folded into the rows
+            f = g.shape[-1] // groups
+            gg = xp.reshape(g, (n, -1, s, groups, f))  # (N, O, S, G, F)
+            gg = xp.reshape(xp.permute_dims(gg, (0, 3, 1, 4, 2)), (n, groups, -1, s))  # (N, G, O·F, S)
+            grad = xp.matmul(gg, xp.permute_dims(x, (0, 2, 1, 3)))  # (N, G, O·F, K)
+            grad = xp.permute_dims(xp.reshape(grad, (n, groups, -1, f, k)), (0, 2, 1, 3, 4))  # (N, O, G, F, K)
+            jac["weight"] = xp.reshape(grad, (*lead, -1))
         if "bias" in roles:
             jac["bias"] = xp.sum(g, axis=-2)
     return _per_example(xp, jac1, jac2, axes)
