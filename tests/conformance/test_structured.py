@@ -1,5 +1,5 @@
 """Structured derivatives on the cases that stress their rules: shared layers, tied weights,
-token axes, embeddings, normalisations, and layers without a rule (exact fallback, warned).
+token axes, embeddings, normalisations, and a layer without a rule (exact fallback, warned).
 
 Each kernel is held to Jacobian contraction in float64 (rtol 1e-10, see test_kernels.py).
 """
@@ -27,7 +27,7 @@ def _cases(backend, zoo):
     return zoo.STRUCTURED_CASES
 
 
-@pytest.mark.parametrize("case", ["twice", "tied", "attention", "norms", "convs"])
+@pytest.mark.parametrize("case", ["twice", "norule", "tied", "attention", "norms", "convs"])
 @pytest.mark.parametrize("axes", list(AXES))
 @pytest.mark.parametrize("x2_mode", ["x2", "self"])
 def test_structured_equals_jacobian_contraction(backend, zoo, case, axes, x2_mode):

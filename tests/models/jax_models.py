@@ -93,7 +93,9 @@ def _forward(case: str, consts: dict):
             scores = jnp.where(jnp.tril(jnp.ones((s, s), bool)), scores, -jnp.inf)
             heads = jnp.einsum("nhst,nthd->nshd", jax.nn.softmax(scores, axis=-1), v).reshape(n, s, 8)
             h = h + heads @ p["attn"]["wo"] + p["attn"]["bo"]
-            h = h + _dense(p, "mlp2", jax.nn.relu(_dense(p, "mlp1", _layer_norm(h, p["ln2"]["gamma"], p["ln2"]["beta"]))))
+            h = h + _dense(
+                p, "mlp2", jax.nn.relu(_dense(p, "mlp1", _layer_norm(h, p["ln2"]["gamma"], p["ln2"]["beta"])))
+            )
             return h @ table.T
     else:
         raise KeyError(case)
@@ -160,6 +162,12 @@ def _structured_model(name: str):
             return h @ p["head"]["w"] + p["head"]["b"]
 
         shapes = {"shared": {"w": (6, 6), "b": (6,)}, "head": {"w": (6, 3), "b": (3,)}}
+    elif name == "norule":  # a learned log-scale: exp of a parameter has no structure rule
+
+        def f(p, x):
+            return jnp.tanh(jnp.exp(p["log_scale"]) * (x @ p["l1"]["w"] + p["l1"]["b"])) @ p["l2"]
+
+        shapes = {"l1": {"w": (6, 8), "b": (8,)}, "log_scale": (8,), "l2": (8, 3)}
     elif name == "tied":  # embedding gathered, then reused as the output projection
 
         def f(p, ids):
@@ -245,11 +253,13 @@ def structured_case(name: str):
         lambda s: jnp.asarray(rng.normal(size=s) / np.sqrt(s[0])), shapes, is_leaf=lambda s: isinstance(s, tuple)
     )
     x1, x2 = structured_inputs(name)
-    expected = {"twice": None, "tied": "embed", "attention": None, "norms": None, "convs": None}[name]
+    expected = {"twice": None, "norule": "log_scale", "tied": "embed", "attention": None, "norms": None, "convs": None}[
+        name
+    ]
     return Built(f, {"params": params}), jnp.asarray(x1), jnp.asarray(x2), expected
 
 
-STRUCTURED_CASES = ("twice", "tied", "attention", "norms", "convs")
+STRUCTURED_CASES = ("twice", "norule", "tied", "attention", "norms", "convs")
 
 
 def factorized_case() -> Built:

@@ -143,11 +143,12 @@ def inputs(name: str) -> tuple[np.ndarray, np.ndarray]:
 def structured_inputs(name: str) -> tuple[np.ndarray, np.ndarray]:
     """x1 (4 examples) and x2 (3) of the structured-derivatives cases (each framework's own models).
 
-    ``norms``/``convs`` take (8, 8, 2) images, ``twice`` 6 features, the others 5 token ids < 11.
+    ``norms``/``convs`` take (8, 8, 2) images, ``twice``/``norule`` 6 features, the others 5
+    token ids < 11.
     """
     rng = np.random.default_rng(2000 + sum(map(ord, name)))
     if name in ("norms", "convs"):
         return rng.normal(size=(4, 8, 8, 2)), rng.normal(size=(3, 8, 8, 2))
-    if name == "twice":
+    if name in ("twice", "norule"):
         return rng.normal(size=(4, 6)), rng.normal(size=(3, 6))
     return rng.integers(0, 11, size=(4, 5)), rng.integers(0, 11, size=(3, 5))

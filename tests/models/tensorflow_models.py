@@ -115,7 +115,9 @@ def _transformer(dtype: str, w: dict) -> keras.Model:
     embedding.embeddings.assign(w["embed.table"])
     for name in ("ln1", "ln2", "mlp1", "mlp2"):
         layer = model.get_layer(name)
-        layer.set_weights([w[f"{name}.gamma"], w[f"{name}.beta"]] if name.startswith("ln") else [w[f"{name}.w"], w[f"{name}.b"]])
+        layer.set_weights(
+            [w[f"{name}.gamma"], w[f"{name}.beta"]] if name.startswith("ln") else [w[f"{name}.w"], w[f"{name}.b"]]
+        )
     for c, dense in zip("qkv", (attention._query_dense, attention._key_dense, attention._value_dense)):
         dense.set_weights([w[f"attn.w{c}"].reshape(8, 2, 4), w[f"attn.b{c}"].reshape(2, 4)])
     attention._output_dense.set_weights([w["attn.wo"].reshape(2, 4, 8), w["attn.bo"]])
@@ -182,6 +184,10 @@ def _structured_model(name: str):
         shared = L.Dense(6, activation="tanh", name="shared", **kw)
         outputs = L.Dense(3, name="head", **kw)(shared(shared(inputs)))
         return keras.Model(inputs, outputs)
+    if name == "norule":  # a parameterised layer without a structure rule
+        inputs = keras.Input((6,), dtype="float64")
+        h = L.PReLU(name="act", **kw)(L.Dense(8, name="l1", **kw)(inputs))
+        return keras.Model(inputs, L.Dense(3, name="l2", **kw)(h))
     if name == "tied":
         inputs = keras.Input((5,), dtype="int64")
         embedding = L.Embedding(11, 8, name="embed", **kw)
@@ -226,11 +232,11 @@ def structured_case(name: str):
     for variable in model.trainable_variables:
         variable.assign(variable + 0.1 * rng.normal(size=variable.shape))
     x1, x2 = structured_inputs(name)
-    expected = {"twice": None, "tied": "embed", "attention": None, "norms": None, "convs": None}[name]
+    expected = {"twice": None, "norule": "act", "tied": "embed", "attention": None, "norms": None, "convs": None}[name]
     return Built(model, {}), x1, x2, expected
 
 
-STRUCTURED_CASES = ("twice", "tied", "attention", "norms", "convs")
+STRUCTURED_CASES = ("twice", "norule", "tied", "attention", "norms", "convs")
 
 
 def factorized_case() -> Built:

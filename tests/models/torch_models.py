@@ -224,6 +224,28 @@ class _Twice(nn.Module):
         return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
 
 
+class _LogScale(nn.Module):
+    """A learned per-feature log-scale: a module with parameters that no rule knows."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.zeros(features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.log_scale.exp()
+
+
+class _NoRule(nn.Module):
+    """A parameterised layer without a structure rule between two Linears."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.scale, self.l2 = nn.Linear(6, 8), _LogScale(8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l2(torch.tanh(self.scale(self.l1(x))))
+
+
 class _TiedTokens(nn.Module):
     """Token ids → embedding → LayerNorm → per-token Linear → logits tied to the embedding."""
 
@@ -296,7 +318,14 @@ def structured_case(name: str) -> tuple[Built, np.ndarray, np.ndarray, str | Non
     torch.set_default_dtype(torch.float64)
     try:
         torch.manual_seed(0)
-        models = {"twice": _Twice, "tied": _TiedTokens, "attention": _Attention, "norms": _Norms, "convs": _Convs}
+        models = {
+            "twice": _Twice,
+            "norule": _NoRule,
+            "tied": _TiedTokens,
+            "attention": _Attention,
+            "norms": _Norms,
+            "convs": _Convs,
+        }
         model = models[name]()
         if name in ("norms", "convs"):
             with torch.no_grad():
@@ -307,13 +336,20 @@ def structured_case(name: str) -> tuple[Built, np.ndarray, np.ndarray, str | Non
                 for p in model.parameters():
                     p.add_(0.1 * torch.randn_like(p))
         x1, x2 = structured_inputs(name)
-        expected = {"twice": None, "tied": "embed.weight", "attention": None, "norms": None, "convs": None}[name]
+        expected = {
+            "twice": None,
+            "norule": "scale (_LogScale)",
+            "tied": "embed.weight",
+            "attention": None,
+            "norms": None,
+            "convs": None,
+        }[name]
         return Built(model.eval()), x1, x2, expected
     finally:
         torch.set_default_dtype(default)
 
 
-STRUCTURED_CASES = ("twice", "tied", "attention", "norms", "convs")
+STRUCTURED_CASES = ("twice", "norule", "tied", "attention", "norms", "convs")
 
 
 def factorized_case() -> Built:
