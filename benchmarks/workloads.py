@@ -116,13 +116,15 @@ def _torch(workload: Workload, weights: dict) -> tuple[Any, dict]:
                     self.attn.out_proj.weight.copy_(t(weights["o"][0]).T)
                     self.attn.out_proj.bias.copy_(t(weights["o"][1]))
                 self.register_buffer("mask", torch.ones(TOKENS, TOKENS, dtype=torch.bool).triu(1))
+                self.logits = nn.Linear(WIDTH, VOCABULARY, bias=False)
+                self.logits.weight = self.embed.weight  # tied, as transformer libraries do
 
             def forward(self, ids):
                 h = self.embed(ids)
                 a = self.ln1(h)
                 h = h + self.attn(a, a, a, attn_mask=self.mask, need_weights=False)[0]
                 h = h + self.mlp2(torch.relu(self.mlp1(self.ln2(h))))
-                return nn.functional.linear(h[:, -1], self.embed.weight)
+                return self.logits(h[:, -1])
 
         return Block().float().eval(), {}
     if workload.kind == "cnn":

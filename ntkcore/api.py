@@ -183,7 +183,7 @@ class KernelFn:
                     f'implementation="structured" is not available for the {self._backend.name} backend yet '
                     f'({error}); use "jacobian_contraction", "ntk_vector_products" or "auto"'
                 ) from None
-            _, fallback, reasons = structured.plan(capture, self._prepared.params)
+            _, _, fallback, reasons = structured.plan(capture, self._prepared.params)
             if fallback:
                 warnings.warn(
                     f"structured derivatives: {'; '.join(reasons) or 'uncaptured parameters'}. Parameters "

@@ -46,6 +46,10 @@ class LayerUse:
     ``scale``, ``shift``; embedding: ``table``), trainable ones only. The layer's *structured
     input* (dense: its input; affine: the normalised input x̂; embedding: the integer ids)
     and its output have the feature axis last and any number of token axes before it.
+    ``native_layout`` says the parameters are laid out as the rule's per-example gradients
+    (dense weight (out, in); convolution (out, in per group, *kernel); embedding (vocabulary,
+    features)), so that a parameter shared by layers of different kinds (an embedding tied to
+    an output projection) is summed from them instead of falling back.
     """
 
     key: str
@@ -53,6 +57,7 @@ class LayerUse:
     kind: str
     params: Mapping[str, str]
     feature_axis: int = -1  # of the layer's output (batch of one) and structured input
+    native_layout: bool = False
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: it keys compiled kernels

@@ -138,17 +138,17 @@ def _self_attention(
 class _Audit(TorchFunctionMode):
     """Records uses of trainable parameters made outside their own layer's call."""
 
-    def __init__(self, owner_of: dict[int, str], names: dict[int, str]) -> None:
+    def __init__(self, owners_of: dict[int, set[str]], names: dict[int, str]) -> None:
         super().__init__()
-        self.owner_of, self.names = owner_of, names
+        self.owners_of, self.names = owners_of, names
         self.active: list[str] = []
         self.outside: set[str] = set()
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         for value in [*args, *(kwargs or {}).values()]:
             for tensor in value if isinstance(value, (list, tuple)) else (value,):
-                owner = self.owner_of.get(id(tensor)) if isinstance(tensor, torch.Tensor) else None
-                if owner is not None and (not self.active or self.active[-1] != owner):
+                owners = self.owners_of.get(id(tensor)) if isinstance(tensor, torch.Tensor) else None
+                if owners is not None and (not self.active or self.active[-1] not in owners):
                     self.outside.add(self.names[id(tensor)])
         return func(*args, **(kwargs or {}))
 
@@ -167,8 +167,13 @@ def capture(model: nn.Module, params: Mapping[str, torch.Tensor], call: Callable
     """Capture ``model`` (run as ``call(params_and_state, x)``) on a batch of one ``x``."""
     supported: dict[str, tuple[nn.Module, str, dict[str, str], int]] = {}
     unsupported = []
+    # a parameter tied into several modules has one name in ``params``, whichever module asks
+    first_name = {id(p): n for n, p in model.named_parameters()}
+    canonical = {n: first_name[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
     for name, module in model.named_modules():
-        own = {attr: f"{name}.{attr}" if name else attr for attr, _ in module.named_parameters(recurse=False)}
+        own = {
+            attr: canonical[f"{name}.{attr}" if name else attr] for attr, _ in module.named_parameters(recurse=False)
+        }
         trainable = {attr: full for attr, full in own.items() if full in params}
         if not trainable:
             continue
@@ -218,8 +223,11 @@ def capture(model: nn.Module, params: Mapping[str, torch.Tensor], call: Callable
         return handles, inputs, shapes
 
     # only parameters of supported layers need the audit: the others fall back anyway
-    owner_of = {id(t): n.rpartition(".")[0] for n, t in params.items() if n.rpartition(".")[0] in supported}
-    audit = _Audit(owner_of, {id(t): n for n, t in params.items()})
+    owners: dict[str, set[str]] = defaultdict(set)
+    for layer, (_, _, roles, _) in supported.items():
+        for full in roles.values():
+            owners[full].add(layer)
+    audit = _Audit({id(t): owners[n] for n, t in params.items() if n in owners}, {id(t): n for n, t in params.items()})
     handles, _, shapes = with_hooks(None, audit)
     try:
         with torch.no_grad(), audit:
@@ -243,6 +251,7 @@ def capture(model: nn.Module, params: Mapping[str, torch.Tensor], call: Callable
             supported[key.partition("#")[0]][1],
             supported[key.partition("#")[0]][2],
             supported[key.partition("#")[0]][3],
+            native_layout=True,  # torch's weights are laid out (out, in, *kernel), tables (vocabulary, F)
         )
         for key in shapes
     )

@@ -3,9 +3,11 @@
 The adapter's capture gives every parameterised layer call's structured input; one vjp per
 output component with respect to zero probes added to the layer outputs gives every layer's
 output cotangents g at once (N·O·[FP]). The rules in :mod:`ntkcore.rules` then assemble each
-layer's contribution without forming ∂y/∂θ. Parameters no rule covers — layers without a
-rule, parameters also used outside their layer, a parameter shared by layers of different
-kinds — take the exact per-layer path: their own Jacobians, contracted.
+layer's contribution without forming ∂y/∂θ. A parameter shared by layers of different kinds
+(a tied embedding) is summed from its calls' per-example gradients where the adapter gives
+them in the parameter's own layout. Parameters no rule covers — layers without a rule,
+parameters also used outside their layer, other sharing across kinds — take the exact
+per-layer path: their own Jacobians, contracted.
 """
 
 from __future__ import annotations
@@ -16,38 +18,53 @@ from typing import Any
 
 from ..axes import KernelAxes
 from ..protocol import AutodiffBackend, Capture, LayerUse, Params
-from ..rules import RULES
+from ..rules import GRADIENTS, RULES
 from ._common import device_of, output_basis
 from .jacobian_contraction import contract, jacobians
 
 
-def plan(capture: Capture, params: Params) -> tuple[list[list[LayerUse]], list[str], list[str]]:
+def plan(capture: Capture, params: Params) -> tuple[list[list[LayerUse]], list[LayerUse], list[str], list[str]]:
     """Group the captured calls per parameter set; list what falls back and why.
 
-    Returns (groups, fallback parameter names, reasons). A group is the calls of one layer
-    (several when it is applied more than once), all of one kind with the same parameters.
+    Returns (groups, shared, fallback parameter names, reasons). A group is the calls of one
+    layer (several when it is applied more than once), all of one kind with the same
+    parameters. ``shared`` are the calls that touch a parameter used by layers of different
+    kinds, all in their rules' layout (``LayerUse.native_layout``): their per-example
+    gradients are summed. Other parameters shared across kinds fall back.
     """
+
+    def signature(use: LayerUse) -> tuple:
+        return (use.kind, tuple(sorted(use.params.items())), use.feature_axis)
+
     by_param: dict[str, list[LayerUse]] = defaultdict(list)
     for use in capture.uses:
         for name in use.params.values():
             by_param[name].append(use)
-    groups: dict[tuple, list[LayerUse]] = {}
     rejected: set[str] = set(capture.excluded)
     reasons = [f"{name!r} {why}" for name, why in capture.excluded.items()]
-    for use in capture.uses:
-        signature = (use.kind, tuple(sorted(use.params.items())), use.feature_axis)
-        groups.setdefault(signature, []).append(use)
+    shared_names: set[str] = set()
     for name, uses in by_param.items():
-        signatures = {(u.kind, tuple(sorted(u.params.items())), u.feature_axis) for u in uses}
-        if len(signatures) > 1 and name not in rejected:
-            rejected.add(name)
-            reasons.append(f"{name!r} is shared by layers {sorted({u.layer for u in uses})} of different kinds")
+        if len({signature(u) for u in uses}) > 1 and name not in rejected:
+            if all(u.native_layout and u.kind in GRADIENTS for u in uses):
+                shared_names.add(name)
+            else:
+                rejected.add(name)
+                reasons.append(f"{name!r} is shared by layers {sorted({u.layer for u in uses})} of different kinds")
+    shared = [u for u in capture.uses if shared_names & set(u.params.values())]
+    if rejected & {name for u in shared for name in u.params.values()}:  # a shared call that cannot be summed
+        shared_names.clear()
+        rejected |= {name for u in shared for name in u.params.values()}
+        shared = []
+    groups: dict[tuple, list[LayerUse]] = {}
+    for use in capture.uses:
+        if use not in shared:
+            groups.setdefault(signature(use), []).append(use)
     kept = [g for g in groups.values() if not rejected & set(g[0].params.values())]
-    covered = {name for g in kept for name in g[0].params.values()}
+    covered = {name for g in kept for name in g[0].params.values()} | {n for u in shared for n in u.params.values()}
     fallback = [name for name in params if name not in covered]
     if capture.unsupported:
         reasons.insert(0, f"no structured rule for layer(s) {list(capture.unsupported)}")
-    return kept, fallback, reasons
+    return kept, shared, fallback, reasons
 
 
 def _pieces(backend: AutodiffBackend, capture: Capture, params: Params, x: Any) -> tuple[dict, dict]:
@@ -95,6 +112,18 @@ def _group_arrays(xp: Any, group: list[LayerUse], inputs: dict, g: dict, out_sha
     return xp.concat([p[0] for p in parts], axis=1), xp.concat([p[1] for p in parts], axis=-2)
 
 
+def _shared_gradients(xp: Any, uses: list[LayerUse], params: Params, inputs: dict, g: dict, out_shape: tuple) -> dict:
+    """Per-example gradients ``name -> (N, *out, P)`` summed over the calls of each parameter."""
+    total: dict[str, Any] = {}
+    for use in uses:
+        x, gu = _normalise(xp, use, inputs[use.key], g[use.key], out_shape)
+        shapes = {role: tuple(params[name].shape) for role, name in use.params.items()}
+        for role, grad in GRADIENTS[use.kind](xp, x, gu, set(use.params), shapes).items():
+            name = use.params[role]
+            total[name] = grad if name not in total else total[name] + grad
+    return total
+
+
 def kernel(
     backend: AutodiffBackend,
     apply: Any,
@@ -107,7 +136,7 @@ def kernel(
 ) -> Any:
     """The NTK by structured derivatives; ``x2=None`` reuses x1's pieces."""
     xp = backend.namespace(x1)
-    groups, fallback, _ = plan(capture, params)
+    groups, shared, fallback, _ = plan(capture, params)
     inputs1, g1 = _pieces(backend, capture, params, x1)
     inputs2, g2 = (inputs1, g1) if x2 is None else _pieces(backend, capture, params, x2)
     total = None
@@ -115,6 +144,12 @@ def kernel(
         a1, b1 = _group_arrays(xp, group, inputs1, g1, out_shape)
         a2, b2 = (a1, b1) if x2 is None else _group_arrays(xp, group, inputs2, g2, out_shape)
         part = RULES[group[0].kind](xp, a1, b1, a2, b2, axes, set(group[0].params))
+        total = part if total is None else total + part
+    if shared:
+        jac1 = _shared_gradients(xp, shared, params, inputs1, g1, out_shape)
+        jac2 = jac1 if x2 is None else _shared_gradients(xp, shared, params, inputs2, g2, out_shape)
+        n2 = x1.shape[0] if x2 is None else x2.shape[0]
+        part = contract(xp, jac1, jac2, axes, (x1.shape[0], *out_shape), (n2, *out_shape))
         total = part if total is None else total + part
     if fallback:
         rest = {name: params[name] for name in fallback}

@@ -14,7 +14,8 @@ feature — and returns the layer's contribution to the kernel in the order of
 - embedding y_s = E[id_s]: Θ = Σ_{s,t} [id1_s = id2_t] (g1_s·g2_t).
 
 A weight used in several calls (a layer applied twice) arrives with the calls' token axes
-concatenated, which makes the cross terms exact.
+concatenated, which makes the cross terms exact. ``GRADIENTS`` gives each kind's per-example
+gradients in the parameter's layout, for a parameter shared by layers of different kinds.
 """
 
 from __future__ import annotations
@@ -104,16 +105,22 @@ def dense(
         if "bias" in roles:
             weights = weights + 1 if "weight" in roles else _ones(xp, _pair_shape(x1, x2, axes), g1)
         return _pairwise(xp, g1, g2, weights, axes)
-    jac1, jac2 = {}, {}
-    for jac, x, g in ((jac1, x1, g1), (jac2, x2, g2)):
-        lead = tuple(g.shape[:-2])
-        if "weight" in roles:  # Σ_s g_sᵀ x_s: (N, *out, F, in), the outputs folded into the rows
-            gt = xp.permute_dims(xp.reshape(g, (g.shape[0], -1, s, f)), (0, 1, 3, 2))  # (N, O, F, S)
-            grad = xp.matmul(xp.reshape(gt, (g.shape[0], -1, s)), x)  # (N, O·F, in)
-            jac["weight"] = xp.reshape(grad, (*lead, f * n_in))
-        if "bias" in roles:
-            jac["bias"] = xp.sum(g, axis=-2)
-    return _per_example(xp, jac1, jac2, axes)
+    return _per_example(xp, dense_gradients(xp, x1, g1, roles), dense_gradients(xp, x2, g2, roles), axes)
+
+
+def dense_gradients(xp: Any, x: Any, g: Any, roles: set[str], shapes: Any = None) -> dict[str, Any]:
+    """Per-example gradients of y_s = x_s·W (+ b): weight (N, *out, F·in) as Σ_s g_sᵀx_s (W laid
+    out (out, in)), bias (N, *out, F)."""
+    s, n_in, f = x.shape[1], x.shape[2], g.shape[-1]
+    lead = tuple(g.shape[:-2])
+    jac = {}
+    if "weight" in roles:  # the outputs folded into the rows of one matmul per example
+        gt = xp.permute_dims(xp.reshape(g, (g.shape[0], -1, s, f)), (0, 1, 3, 2))  # (N, O, F, S)
+        grad = xp.matmul(xp.reshape(gt, (g.shape[0], -1, s)), x)  # (N, O·F, in)
+        jac["weight"] = xp.reshape(grad, (*lead, f * n_in))
+    if "bias" in roles:
+        jac["bias"] = xp.sum(g, axis=-2)
+    return jac
 
 
 def _ones(xp: Any, shape: tuple[int, ...], like: Any) -> Any:
@@ -133,32 +140,41 @@ def conv(xp: Any, x1: Any, g1: Any, x2: Any, g2: Any, axes: KernelAxes, roles: s
     contiguously. The per-example weight gradients Σ_s g_sᵀ·patch_s are contracted (the
     pairwise form costs S² per pair, more than the few weights of a convolution).
     """
-    jac1, jac2 = {}, {}
-    for jac, x, g in ((jac1, x1, g1), (jac2, x2, g2)):
-        n, s, groups, k = x.shape
-        lead = tuple(g.shape[:-2])
-        if "weight" in roles:  # one matmul per example and group, the outputs folded into the rows
-            f = g.shape[-1] // groups
-            gg = xp.reshape(g, (n, -1, s, groups, f))  # (N, O, S, G, F)
-            gg = xp.reshape(xp.permute_dims(gg, (0, 3, 1, 4, 2)), (n, groups, -1, s))  # (N, G, O·F, S)
-            grad = xp.matmul(gg, xp.permute_dims(x, (0, 2, 1, 3)))  # (N, G, O·F, K)
-            grad = xp.permute_dims(xp.reshape(grad, (n, groups, -1, f, k)), (0, 2, 1, 3, 4))  # (N, O, G, F, K)
-            jac["weight"] = xp.reshape(grad, (*lead, -1))
-        if "bias" in roles:
-            jac["bias"] = xp.sum(g, axis=-2)
-    return _per_example(xp, jac1, jac2, axes)
+    return _per_example(xp, conv_gradients(xp, x1, g1, roles), conv_gradients(xp, x2, g2, roles), axes)
+
+
+def conv_gradients(xp: Any, x: Any, g: Any, roles: set[str], shapes: Any = None) -> dict[str, Any]:
+    """Per-example gradients of a (grouped) convolution: weight (N, *out, G·F·K), laid out
+    (out channels, in channels per group, *kernel) when the patches are; bias (N, *out, C)."""
+    n, s, groups, k = x.shape
+    lead = tuple(g.shape[:-2])
+    jac = {}
+    if "weight" in roles:  # one matmul per example and group, the outputs folded into the rows
+        f = g.shape[-1] // groups
+        gg = xp.reshape(g, (n, -1, s, groups, f))  # (N, O, S, G, F)
+        gg = xp.reshape(xp.permute_dims(gg, (0, 3, 1, 4, 2)), (n, groups, -1, s))  # (N, G, O·F, S)
+        grad = xp.matmul(gg, xp.permute_dims(x, (0, 2, 1, 3)))  # (N, G, O·F, K)
+        grad = xp.permute_dims(xp.reshape(grad, (n, groups, -1, f, k)), (0, 2, 1, 3, 4))  # (N, O, G, F, K)
+        jac["weight"] = xp.reshape(grad, (*lead, -1))
+    if "bias" in roles:
+        jac["bias"] = xp.sum(g, axis=-2)
+    return jac
 
 
 def affine(xp: Any, x1: Any, g1: Any, x2: Any, g2: Any, axes: KernelAxes, roles: set[str]) -> Any:
     """y = x̂∘γ + β over the feature axis. ``x`` (N, S, F) is x̂; ``roles`` ⊆ {scale, shift}."""
-    jac1, jac2 = {}, {}
-    for jac, x, g in ((jac1, x1, g1), (jac2, x2, g2)):
-        if "scale" in roles:
-            xb = xp.reshape(x, (x.shape[0], *([1] * (len(g.shape) - 3)), *x.shape[1:]))
-            jac["scale"] = xp.sum(g * xb, axis=-2)
-        if "shift" in roles:
-            jac["shift"] = xp.sum(g, axis=-2)
-    return _per_example(xp, jac1, jac2, axes)
+    return _per_example(xp, affine_gradients(xp, x1, g1, roles), affine_gradients(xp, x2, g2, roles), axes)
+
+
+def affine_gradients(xp: Any, x: Any, g: Any, roles: set[str], shapes: Any = None) -> dict[str, Any]:
+    """Per-example gradients Σ_s g_s∘x̂_s (scale) and Σ_s g_s (shift): (N, *out, F)."""
+    jac = {}
+    if "scale" in roles:
+        xb = xp.reshape(x, (x.shape[0], *([1] * (len(g.shape) - 3)), *x.shape[1:]))
+        jac["scale"] = xp.sum(g * xb, axis=-2)
+    if "shift" in roles:
+        jac["shift"] = xp.sum(g, axis=-2)
+    return jac
 
 
 def embedding(xp: Any, ids1: Any, g1: Any, ids2: Any, g2: Any, axes: KernelAxes, roles: set[str]) -> Any:
@@ -166,4 +182,25 @@ def embedding(xp: Any, ids1: Any, g1: Any, ids2: Any, g2: Any, axes: KernelAxes,
     return _pairwise(xp, g1, g2, _pair_weights(xp, ids1, ids2, axes, equal=True, dtype=g1.dtype), axes)
 
 
+def embedding_gradients(xp: Any, ids: Any, g: Any, roles: set[str], shapes: dict[str, tuple]) -> dict[str, Any]:
+    """Per-example gradient Σ_s onehot(id_s) ⊗ g_s of the table, laid out (vocabulary, F):
+    (N, *out, V·F). ``shapes`` gives the table's shape."""
+    n, s = ids.shape
+    vocabulary, f = shapes["table"]
+    lead = tuple(g.shape[:-2])
+    device = device_of(ids)
+    rows_ids = xp.arange(vocabulary, dtype=ids.dtype, **({} if device is None else {"device": device}))
+    onehot = xp.astype(xp.reshape(ids, (n, s, 1)) == xp.reshape(rows_ids, (1, 1, -1)), g.dtype)  # (N, S, V)
+    rows = xp.reshape(xp.permute_dims(xp.reshape(g, (n, -1, s, f)), (0, 2, 1, 3)), (n, s, -1))  # (N, S, O·F)
+    grad = xp.matmul(xp.permute_dims(onehot, (0, 2, 1)), rows)  # (N, V, O·F)
+    grad = xp.permute_dims(xp.reshape(grad, (n, vocabulary, -1, f)), (0, 2, 1, 3))  # (N, O, V, F)
+    return {"table": xp.reshape(grad, (*lead, vocabulary * f))}
+
+
 RULES = {"dense": dense, "conv": conv, "affine": affine, "embedding": embedding}
+GRADIENTS = {
+    "dense": dense_gradients,
+    "conv": conv_gradients,
+    "affine": affine_gradients,
+    "embedding": embedding_gradients,
+}

@@ -1,6 +1,7 @@
-"""PyTorch's MultiheadAttention in every calling convention: structured derivatives capture its
-self-attention (in-projection and output projection as dense layers) and fall back, exactly
-and with a warning, where they cannot (cross-attention)."""
+"""PyTorch specifics of structured derivatives: MultiheadAttention in every calling convention
+(self-attention captured as dense layers; cross-attention falls back, exactly and warned), and
+an embedding tied into an output Linear the usual way (one Parameter in two modules), summed
+from per-example gradients without a fallback."""
 
 from __future__ import annotations
 
@@ -76,3 +77,32 @@ def test_attention_dropout_in_training_is_refused(torch):
     model.attn.dropout = 0.1
     with pytest.raises(ValueError, match=r"MultiheadAttention 'attn' is in training mode"):
         ntkcore.ntk(model, torch.zeros(2, 4, 6, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("axes", [{}, {"trace_axes": (-1,)}, {"diagonal_axes": (0,)}])
+def test_embedding_tied_to_output_linear(torch, axes):
+    nn = torch.nn
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(9, 5)
+            self.mix = nn.Linear(5, 5)
+            self.out = nn.Linear(5, 9)
+            self.out.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.out(torch.tanh(self.mix(self.embed(ids)))).mean(dim=1)
+
+    torch.manual_seed(0)
+    model = Tied().double()
+    ids1 = torch.tensor([[1, 2, 2], [0, 8, 1], [3, 3, 3]])
+    ids2 = torch.tensor([[2, 1, 0], [8, 8, 4], [5, 6, 7]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ntkcore.StructuredFallbackWarning)
+        kernel = ntkcore.ntk(model, ids1, ids2, implementation="structured", **axes)
+        again = ntkcore.ntk(model, ids1, None, implementation="structured", **axes)
+    expected = ntkcore.ntk(model, ids1, ids2, implementation="jacobian_contraction", **axes)
+    expected_self = ntkcore.ntk(model, ids1, None, implementation="jacobian_contraction", **axes)
+    np.testing.assert_allclose(kernel.numpy(), expected.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(again.numpy(), expected_self.numpy(), rtol=1e-10, atol=1e-12)

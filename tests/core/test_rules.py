@@ -66,6 +66,13 @@ def test_dense(layout, order, which):
         jac.append(j)
     actual = rules.dense(xp, x[0], g[0], x[1], g[1], _axes(n1, out, trace, diagonal), roles, order=order)
     _check(actual, jac[0], jac[1], out, trace, diagonal)
+    # per-example gradients in the (out, in) layout of a torch weight
+    gradients = rules.dense_gradients(xp, x[0], g[0], roles)
+    if "weight" in roles:
+        w = np.einsum("n...sf,nsi->n...fi", g[0], x[0])
+        np.testing.assert_allclose(gradients["weight"], w.reshape(*w.shape[:-2], -1), rtol=1e-12, atol=1e-12)
+    if "bias" in roles:
+        np.testing.assert_allclose(gradients["bias"], jac[0]["bias"], rtol=1e-12, atol=1e-12)
 
 
 @settings(max_examples=30, deadline=None)
@@ -78,6 +85,8 @@ def test_affine(layout):
     jac = [{"scale": np.einsum("n...sf,nsf->n...f", gi, xi), "shift": gi.sum(axis=-2)} for xi, gi in zip(x, g)]
     actual = rules.affine(xp, x[0], g[0], x[1], g[1], _axes(n1, out, trace, diagonal), {"scale", "shift"})
     _check(actual, jac[0], jac[1], out, trace, diagonal)
+    for role, gradient in rules.affine_gradients(xp, x[0], g[0], {"scale", "shift"}).items():
+        np.testing.assert_allclose(gradient, jac[0][role], rtol=1e-12, atol=1e-12)
 
 
 @settings(max_examples=30, deadline=None)
@@ -94,3 +103,5 @@ def test_embedding(layout, vocabulary):
         jac.append({"table": t.reshape(*t.shape[:-2], -1)})
     actual = rules.embedding(xp, ids[0], g[0], ids[1], g[1], _axes(n1, out, trace, diagonal), {"table"})
     _check(actual, jac[0], jac[1], out, trace, diagonal)
+    gradient = rules.embedding_gradients(xp, ids[0], g[0], {"table"}, {"table": (vocabulary, f)})["table"]
+    np.testing.assert_allclose(gradient, jac[0]["table"], rtol=1e-12, atol=1e-12)
