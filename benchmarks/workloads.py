@@ -33,6 +33,7 @@ WORKLOADS = {
         Workload("cnn_traced", "cnn", 16, axes={"trace_axes": (-1,)}),
         Workload("factorized_full", "factorized", 32, (64, 512, 512, 512, 10), rank=32),
         Workload("transformer_full", "transformer", 16),
+        Workload("transformer_traced", "transformer", 16, axes={"trace_axes": (-1,)}),
     )
 }
 # the transformer block: vocabulary, tokens, width, heads, MLP width; logits of the last token
