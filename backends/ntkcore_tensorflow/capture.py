@@ -28,7 +28,7 @@ def _rule(keras: Any, layer: Any) -> tuple[str, dict[str, Any], int] | None:
     """(kind, role -> variable, feature axis) for a layer with a structure rule, else None."""
     layers = keras.layers
     plain = not getattr(layer, "lora_enabled", False) and getattr(layer, "quantization_mode", None) is None
-    if isinstance(layer, layers.Dense) and type(layer) is layers.Dense and plain:
+    if type(layer) is layers.Dense and plain:
         return "dense", {"weight": layer.kernel, "bias": layer.bias}, -1
     if type(layer) is layers.EinsumDense and plain and _einsum_contracted(layer) is not None:
         bias = layer.bias if layer.bias_axes == _einsum_outputs(layer) else None  # else: fallback
@@ -36,15 +36,20 @@ def _rule(keras: Any, layer: Any) -> tuple[str, dict[str, Any], int] | None:
     convs = (layers.Conv1D, layers.Conv2D, layers.DepthwiseConv2D)
     if type(layer) in convs and plain and layer.data_format == "channels_last" and layer.padding in ("valid", "same"):
         return "conv", {"weight": layer.kernel, "bias": layer.bias}, -1
-    if isinstance(layer, layers.Embedding) and plain:
+    if _is(layer, layers.Embedding) and plain:
         return "embedding", {"table": layer.embeddings}, -1
-    if isinstance(layer, layers.LayerNormalization) and _last_axis_only(layer):
+    if _is(layer, layers.LayerNormalization) and _last_axis_only(layer):
         return "affine", {"scale": layer.gamma, "shift": layer.beta}, -1
-    if isinstance(layer, getattr(layers, "RMSNormalization", ())) and _last_axis_only(layer):
+    if _is(layer, getattr(layers, "RMSNormalization", type(None))) and _last_axis_only(layer):
         return "affine", {"scale": layer.scale}, -1
-    if isinstance(layer, layers.BatchNormalization) and isinstance(layer.axis, int):
+    if _is(layer, layers.BatchNormalization) and isinstance(layer.axis, int):
         return "affine", {"scale": layer.gamma, "shift": layer.beta}, layer.axis
     return None
+
+
+def _is(layer: Any, cls: type) -> bool:
+    """An instance of ``cls`` that runs ``cls``'s own call (a reversible embedding, say, does not)."""
+    return isinstance(layer, cls) and type(layer).call is cls.call
 
 
 def _einsum_parts(layer: Any) -> tuple[str, str, str] | None:

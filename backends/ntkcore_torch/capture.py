@@ -23,28 +23,34 @@ from torch.overrides import TorchFunctionMode
 
 from ntkcore.protocol import Capture, LayerUse
 
-_BATCH_NORMS = (nn.modules.batchnorm._BatchNorm,)
+_BATCH_NORM = nn.modules.batchnorm._BatchNorm
+
+
+def _is(module: nn.Module, cls: type) -> bool:
+    """An instance of ``cls`` that runs ``cls``'s own forward: a subclass that overrides it
+    computes something else, which the rule would get wrong."""
+    return isinstance(module, cls) and type(module).forward is cls.forward
 
 
 def _rule(module: nn.Module) -> tuple[str, dict[str, str], int] | None:
     """(kind, role -> attribute, feature axis) for a module with a structure rule, else None."""
-    if isinstance(module, nn.Linear):
+    if _is(module, nn.Linear):
         return "dense", {"weight": "weight", "bias": "bias"}, -1
-    if isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim and module.bias_k is None:
+    if _is(module, nn.MultiheadAttention) and module._qkv_same_embed_dim and module.bias_k is None:
         if not module.add_zero_attn:
             return "dense", {"weight": "in_proj_weight", "bias": "in_proj_bias"}, -1
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.padding_mode == "zeros":
+    if (_is(module, nn.Conv1d) or _is(module, nn.Conv2d)) and module.padding_mode == "zeros":
         return "conv", {"weight": "weight", "bias": "bias"}, 1
-    if isinstance(module, nn.Embedding) and module.padding_idx is None and module.max_norm is None:
+    if _is(module, nn.Embedding) and module.padding_idx is None and module.max_norm is None:
         if not module.scale_grad_by_freq:
             return "embedding", {"table": "weight"}, -1
-    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1 and module.elementwise_affine:
+    if _is(module, nn.LayerNorm) and len(module.normalized_shape) == 1 and module.elementwise_affine:
         return "affine", {"scale": "weight", "shift": "bias"}, -1
-    if isinstance(module, nn.RMSNorm) and len(module.normalized_shape) == 1 and module.elementwise_affine:
+    if _is(module, nn.RMSNorm) and len(module.normalized_shape) == 1 and module.elementwise_affine:
         return "affine", {"scale": "weight"}, -1
-    if isinstance(module, nn.GroupNorm) and module.affine:
+    if _is(module, nn.GroupNorm) and module.affine:
         return "affine", {"scale": "weight", "shift": "bias"}, 1
-    if isinstance(module, _BATCH_NORMS) and module.affine and not module.training and module.track_running_stats:
+    if _is(module, _BATCH_NORM) and module.affine and not module.training and module.track_running_stats:
         return "affine", {"scale": "weight", "shift": "bias"}, 1
     return None
 
@@ -77,7 +83,7 @@ def _structured_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, module.normalized_shape, None, module.eps)
     if isinstance(module, nn.GroupNorm):
         return F.group_norm(x, module.num_groups, None, None, module.eps)
-    if isinstance(module, _BATCH_NORMS):
+    if isinstance(module, _BATCH_NORM):
         shape = (1, -1, *([1] * (x.dim() - 2)))
         mean, var = module.running_mean.reshape(shape), module.running_var.reshape(shape)
         return (x - mean) / torch.sqrt(var + module.eps)

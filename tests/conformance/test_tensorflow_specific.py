@@ -51,3 +51,31 @@ def test_einsum_dense(keras, equation, output_shape, bias_axes, fallback):
         assert messages == []
     else:
         assert len(messages) == 1 and f"ed/{fallback}" in messages[0], messages
+
+
+def test_embedding_subclass_with_its_own_call_falls_back(keras):
+    """An Embedding whose call also runs in reverse (logits from the table) is not a lookup."""
+
+    class Reversible(keras.layers.Embedding):
+        def call(self, inputs, reverse=False):
+            if reverse:
+                return keras.ops.matmul(inputs, keras.ops.transpose(self.embeddings))
+            return super().call(inputs)
+
+    class Tied(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.embed = Reversible(6, 4, name="embed", dtype="float64")
+            self.mix = keras.layers.Dense(4, activation="tanh", name="mix", dtype="float64")
+
+        def call(self, ids):
+            return keras.ops.mean(self.embed(self.mix(self.embed(ids)), reverse=True), axis=1)
+
+    model = Tied()
+    rng = np.random.default_rng(0)
+    x1, x2 = rng.integers(0, 6, size=(3, 3)), rng.integers(0, 6, size=(2, 3))
+    model(x1)
+    with pytest.warns(ntkcore.StructuredFallbackWarning, match="embed"):
+        kernel = ntkcore.ntk(model, x1, x2, implementation="structured")
+    expected = ntkcore.ntk(model, x1, x2, implementation="jacobian_contraction")
+    np.testing.assert_allclose(np.asarray(kernel), np.asarray(expected), rtol=1e-10, atol=1e-12)

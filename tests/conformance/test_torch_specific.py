@@ -106,3 +106,20 @@ def test_embedding_tied_to_output_linear(torch, axes):
     expected_self = ntkcore.ntk(model, ids1, None, implementation="jacobian_contraction", **axes)
     np.testing.assert_allclose(kernel.numpy(), expected.numpy(), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(again.numpy(), expected_self.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_subclass_that_overrides_forward_falls_back(torch):
+    """A Linear subclass with its own forward is not a dense layer: fallback, not a wrong number."""
+    nn = torch.nn
+
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Doubled(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x1, x2 = torch.randn(3, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    with pytest.warns(ntkcore.StructuredFallbackWarning, match=r"0 \(Doubled\)"):
+        kernel = ntkcore.ntk(model, x1, x2, implementation="structured")
+    expected = ntkcore.ntk(model, x1, x2, implementation="jacobian_contraction")
+    np.testing.assert_allclose(kernel.numpy(), expected.numpy(), rtol=1e-10, atol=1e-12)
