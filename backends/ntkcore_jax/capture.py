@@ -35,6 +35,7 @@ class _Origin:
     name: str
     exact: bool = True  # False once reshaped or transposed: entries no longer in their own layout
     feature_dims: tuple[int, ...] | None = None  # set for broadcasts
+    axes: tuple[int, ...] | None = None  # the parameter's axis behind each axis; None once reshaped
 
 
 @dataclass(frozen=True)
@@ -104,13 +105,18 @@ class _Walker:
             if name in _VIEWS and len(found) == 1:
                 origin = found[0][1]
                 if origin.feature_dims is None:
-                    origins[eqn.outvars[0]] = _Origin(
-                        origin.name, origin.exact and name != "reshape" and name != "transpose"
-                    )
+                    axes = origin.axes
+                    if name == "transpose" and axes is not None:
+                        axes = tuple(axes[d] for d in eqn.params["permutation"])
+                    elif name == "reshape":
+                        axes = None
+                    exact = origin.exact and name not in ("reshape", "transpose")
+                    origins[eqn.outvars[0]] = _Origin(origin.name, exact, None, axes)
                     continue
             if name == "broadcast_in_dim" and found[0][1].feature_dims is None:
                 origin = found[0][1]
-                origins[eqn.outvars[0]] = _Origin(origin.name, origin.exact, tuple(eqn.params["broadcast_dimensions"]))
+                dims = tuple(eqn.params["broadcast_dimensions"])
+                origins[eqn.outvars[0]] = _Origin(origin.name, origin.exact, dims, origin.axes)
                 continue
             match = self.match(eqn, found)
             if match is None:
@@ -120,7 +126,14 @@ class _Walker:
         return [origins.get(v) for v in jaxpr.outvars]
 
     def _use(
-        self, kind: str, role: str, origin: _Origin, out_shape: tuple, tokens: list[int], make_input: Callable
+        self,
+        kind: str,
+        role: str,
+        origin: _Origin,
+        out_shape: tuple,
+        tokens: list[int],
+        make_input: Callable,
+        native: bool = False,
     ) -> _Match:
         """A matched call: probes and inputs in canonical (1, tokens, features) layout.
 
@@ -132,7 +145,7 @@ class _Walker:
         key = f"{kind}#{self.count}"
         self.count += 1
         return _Match(
-            LayerUse(key, origin.name, kind, {role: origin.name}),
+            LayerUse(key, origin.name, kind, {role: origin.name}, native_layout=native),
             origin.exact,
             lambda invals: make_input(invals, perm, probe),
             _probe_adder(out_shape, perm),
@@ -161,7 +174,10 @@ class _Walker:
             def dense_input(invals: list, perm: list, probe: tuple) -> Any:
                 return jnp.reshape(jnp.transpose(invals[xi], fx + cx), (1, -1, n_in))
 
-            return self._use("dense", "weight", origin, out_shape, tokens, dense_input)
+            # native: the weight's gradient (free axes, then contracted) is the parameter's layout
+            order = [d for d in range(len(shapes[index])) if d not in (lc, rc)[index]] + list((lc, rc)[index])
+            native = origin.axes is not None and [origin.axes[d] for d in order] == sorted(origin.axes)
+            return self._use("dense", "weight", origin, out_shape, tokens, dense_input, native)
         if name == "conv_general_dilated" and index == 1 and not broadcast:
             prm = eqn.params
             if prm["batch_group_count"] != 1 or any(d != 1 for d in prm["lhs_dilation"]):
@@ -189,14 +205,14 @@ class _Walker:
                 def scale_input(invals: list, perm: list, probe: tuple) -> Any:
                     return jnp.reshape(jnp.transpose(invals[other], perm), probe)
 
-                return self._use("affine", "scale", origin, out_shape, tokens, scale_input)
+                return self._use("affine", "scale", origin, out_shape, tokens, scale_input, origin.axes == (0,))
             sign = -1.0 if (name == "sub" and index == 1) else 1.0  # ∂(a - b)/∂b = -1
             dtype = eqn.outvars[0].aval.dtype
 
             def bias_input(invals: list, perm: list, probe: tuple) -> Any:  # a dense layer on a constant ±1
                 return jnp.full((1, probe[1], 1), sign, dtype=dtype)
 
-            return self._use("dense", "weight", origin, out_shape, tokens, bias_input)
+            return self._use("dense", "weight", origin, out_shape, tokens, bias_input, origin.axes == (0,))
         if name == "gather" and index == 0 and origin.exact and not broadcast:
             dn = eqn.params["dimension_numbers"]
             simple = (
@@ -214,7 +230,8 @@ class _Walker:
             def ids_input(invals: list, perm: list, probe: tuple) -> Any:
                 return jnp.reshape(invals[1][..., 0], (1, -1))
 
-            return self._use("embedding", "table", origin, out_shape, list(range(len(out_shape) - 1)), ids_input)
+            tokens = list(range(len(out_shape) - 1))
+            return self._use("embedding", "table", origin, out_shape, tokens, ids_input, native=True)
         return None
 
 
@@ -251,14 +268,16 @@ def capture(apply: Callable, params: dict[str, Any], x: Any) -> Capture:
     closed = jax.make_jaxpr(apply)(params, x)
     order = [path[0].key for path, _ in jax.tree_util.tree_flatten_with_path(dict(params))[0]]
     walker = _Walker()
-    walker.walk(closed.jaxpr, {var: _Origin(name) for var, name in zip(closed.jaxpr.invars, order)})
-    # Calls of one parameter are summed as calls of one layer, cross terms included, which
-    # needs its entries in the same layout in every call: x·W and y·Wᵀ are not.
+    inputs = {var: _Origin(name, axes=tuple(range(var.aval.ndim))) for var, name in zip(closed.jaxpr.invars, order)}
+    walker.walk(closed.jaxpr, inputs)
+    # Calls of one parameter are summed, cross terms included, which needs its entries in one
+    # layout in every call: the parameter itself everywhere, or the rules' own layouts (the
+    # table in E[ids] and h·Eᵀ); x·W and y·Wᵀ are neither.
     calls: dict[str, list[_Match]] = {}
     for match in walker.matches.values():
         calls.setdefault(match.use.layer, []).append(match)
     for name, found in calls.items():
-        if len(found) > 1 and not all(m.exact for m in found):
+        if len(found) > 1 and not all(m.exact for m in found) and not all(m.use.native_layout for m in found):
             walker.excluded.setdefault(name, "is used several times, reshaped or transposed in some")
     walker.matches = {here: m for here, m in walker.matches.items() if m.use.layer not in walker.excluded}
     matches = walker.matches

@@ -253,7 +253,7 @@ def structured_case(name: str):
         lambda s: jnp.asarray(rng.normal(size=s) / np.sqrt(s[0])), shapes, is_leaf=lambda s: isinstance(s, tuple)
     )
     x1, x2 = structured_inputs(name)
-    expected = {"twice": None, "norule": "log_scale", "tied": "embed", "attention": None, "norms": None, "convs": None}[
+    expected = {"twice": None, "norule": "log_scale", "tied": None, "attention": None, "norms": None, "convs": None}[
         name
     ]
     return Built(f, {"params": params}), jnp.asarray(x1), jnp.asarray(x2), expected
