@@ -70,7 +70,11 @@ class Capture:
     structured inputs ``inputs[use.key]``. ``output_shapes[use.key]`` is the shape of a
     probe (a batch of one). ``unsupported`` names layers with trainable parameters and no
     rule; ``excluded`` maps parameters that must take the exact per-layer fallback to the
-    reason (a use outside their layer, an operation without a rule).
+    reason (a use outside their layer, an operation without a rule). ``framework_gradients``
+    names kinds whose per-example parameter gradients the framework's own backward pass
+    computes faster than the core's rule (convolutions outside XLA): they are taken in the
+    same backward passes as the cotangents, and the adapter records no structured input for
+    them.
     """
 
     uses: tuple[LayerUse, ...]
@@ -78,6 +82,7 @@ class Capture:
     output_shapes: Mapping[str, tuple[int, ...]]
     unsupported: tuple[str, ...] = ()
     excluded: Mapping[str, str] = field(default_factory=dict)
+    framework_gradients: frozenset[str] = frozenset()
 
 
 @runtime_checkable

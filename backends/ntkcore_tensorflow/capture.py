@@ -5,6 +5,8 @@ projections —, convolutions, Embedding, LayerNormalization, RMSNormalization,
 BatchNormalization) is wrapped for the duration of a forward pass: the wrapper records the
 structured input and adds the probe to the layer's pre-activation output. A normalisation's
 x̂ is the layer's own output with γ = 1 and β = 0, so it follows Keras' semantics exactly.
+Convolutions are differentiated by TensorFlow itself, in the same backward passes that give
+the cotangents (faster than any patch extraction here).
 A discovery pass reads every trainable variable through an auditing ``StatelessScope``: a
 variable read outside its own layer's call (tied weights) is excluded, so an unseen use never
 gives a wrong number. Everything else (other layers, a ``tf.Module``) takes the exact
@@ -33,9 +35,8 @@ def _rule(keras: Any, layer: Any) -> tuple[str, dict[str, Any], int] | None:
     if type(layer) is layers.EinsumDense and plain and _einsum_contracted(layer) is not None:
         bias = layer.bias if layer.bias_axes == _einsum_outputs(layer) else None  # else: fallback
         return "dense", {"weight": layer.kernel, "bias": bias}, -1
-    convs = (layers.Conv1D, layers.Conv2D, layers.DepthwiseConv2D)
-    if type(layer) in convs and plain and layer.data_format == "channels_last" and layer.padding in ("valid", "same"):
-        return "conv", {"weight": layer.kernel, "bias": layer.bias}, -1
+    if type(layer) in (layers.Conv1D, layers.Conv2D, layers.Conv3D, layers.DepthwiseConv2D) and plain:
+        return "conv", {"weight": layer.kernel, "bias": layer.bias}, -1  # differentiated by TensorFlow
     if _is(layer, layers.Embedding) and plain:
         return "embedding", {"table": layer.embeddings}, -1
     if _is(layer, layers.LayerNormalization) and _last_axis_only(layer):
@@ -87,26 +88,6 @@ def _shape(t: Any) -> list:
 
 def _flatten_from(t: Any, axis: int) -> tf.Tensor:
     return tf.reshape(t, (*_shape(t)[:axis], -1))
-
-
-def _patches(layer: Any, x: Any) -> tf.Tensor:
-    """Each output position's input patch per group: (1, positions, groups, C_in/groups·kernel)."""
-    one_d = len(layer.kernel_size) == 1
-    if one_d:  # as a 2D convolution of height 1
-        x = x[:, None]
-    size, strides, rates = (
-        [1, *v] if one_d else list(v) for v in (layer.kernel_size, layer.strides, layer.dilation_rate)
-    )
-    channels = x.shape[-1]
-    # a convolution with one-hot filters extracts the patches; unlike extract_patches it has a
-    # vectorised (pfor) converter. Features come out in (kh, kw, C) order.
-    taps = size[0] * size[1]
-    eye = tf.reshape(tf.eye(taps * channels, dtype=x.dtype), (*size, channels, taps * channels))
-    patches = tf.nn.conv2d(x, eye, [1, *strides, 1], layer.padding.upper(), dilations=[1, *rates, 1])
-    groups = channels if type(layer).__name__ == "DepthwiseConv2D" else layer.groups
-    patches = tf.reshape(patches, (-1, taps, groups, channels // groups))  # features are (kh, kw, C)
-    patches = tf.transpose(patches, (0, 2, 3, 1))
-    return tf.reshape(patches, (1, -1, groups, channels // groups * taps))
 
 
 def _last_axis_only(layer: Any) -> bool:
@@ -172,8 +153,6 @@ def capture(model: Any, params: Mapping[str, Any], apply: Callable, x: Any) -> C
                             free = len(inputs_.shape) - contracted
                             inputs[key], native = _flatten_from(inputs_, free), _shape(out)
                             out = _flatten_from(out, free)
-                        else:
-                            inputs[key] = _patches(layer, inputs_)
                     elif kind == "embedding":
                         out = original(inputs_, *args, **kwargs)
                         inputs[key] = tf.cast(inputs_, tf.int64)
@@ -242,4 +221,4 @@ def capture(model: Any, params: Mapping[str, Any], apply: Callable, x: Any) -> C
         return out, inputs
 
     excluded = {name: "is also read outside its layer" for name in sorted(outside)}
-    return Capture(uses, apply_probed, shapes, tuple(unsupported), excluded)
+    return Capture(uses, apply_probed, shapes, tuple(unsupported), excluded, frozenset({"conv"}))

@@ -6,6 +6,8 @@ layer's call (tied weights, ``F.linear(x, other.weight)``): those parameters go 
 fallback, so a hook that cannot see a use never gives a wrong number. MultiheadAttention's
 self-attention is run by an explicit forward during capture, so that its in-projection is one
 dense layer and its output projection a call of ``out_proj``; cross-attention falls back.
+Convolutions are differentiated by torch itself, in the same backward passes that give the
+cotangents (its convolution backward beats patches and a matmul on CPU).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def _rule(module: nn.Module) -> tuple[str, dict[str, str], int] | None:
     if _is(module, nn.MultiheadAttention) and module._qkv_same_embed_dim and module.bias_k is None:
         if not module.add_zero_attn:
             return "dense", {"weight": "in_proj_weight", "bias": "in_proj_bias"}, -1
-    if (_is(module, nn.Conv1d) or _is(module, nn.Conv2d)) and module.padding_mode == "zeros":
+    if any(_is(module, conv) for conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d)):  # differentiated by torch
         return "conv", {"weight": "weight", "bias": "bias"}, 1
     if _is(module, nn.Embedding) and module.padding_idx is None and module.max_norm is None:
         if not module.scale_grad_by_freq:
@@ -55,28 +57,9 @@ def _rule(module: nn.Module) -> tuple[str, dict[str, str], int] | None:
     return None
 
 
-def _patches(conv: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """Each output position's input patch per group: (1, positions, groups, C_in/groups·kernel)."""
-    one_d = isinstance(conv, nn.Conv1d)
-    if one_d:  # as a 2D convolution of height 1
-        x = x.unsqueeze(-2)
-    pair = (lambda v: (1, v[0])) if one_d else (lambda v: tuple(v))
-    kernel, stride, dilation = pair(conv.kernel_size), pair(conv.stride), pair(conv.dilation)
-    if conv.padding == "same":
-        total = [d * (k - 1) for d, k in zip(dilation, kernel)]
-        x = F.pad(x, (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2))
-        padding = (0, 0)
-    else:
-        padding = (0, 0) if conv.padding == "valid" else ((0, *conv.padding) if one_d else tuple(conv.padding))
-    columns = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (1, C·k, L)
-    columns = columns.reshape(x.shape[0], conv.groups, -1, columns.shape[-1])
-    return columns.permute(0, 3, 1, 2)
-
-
 def _structured_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """What the rule multiplies by: the input, its patches, or the normalised input x̂."""
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        return _patches(module, x)
+    """What the rule multiplies by: the input, or the normalised input x̂ (for a convolution
+    nothing: torch's own convolution backward gives its per-example gradients)."""
     if isinstance(module, nn.LayerNorm):
         return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
     if isinstance(module, nn.RMSNorm):
@@ -262,4 +245,4 @@ def capture(model: nn.Module, params: Mapping[str, torch.Tensor], call: Callable
         for key in shapes
     )
     excluded = {name: "is also used outside its layer" for name in sorted(audit.outside)}
-    return Capture(uses, apply_probed, shapes, tuple(unsupported), excluded)
+    return Capture(uses, apply_probed, shapes, tuple(unsupported), excluded, frozenset({"conv"}))

@@ -2,12 +2,14 @@
 
 The adapter's capture gives every parameterised layer call's structured input; one vjp per
 output component with respect to zero probes added to the layer outputs gives every layer's
-output cotangents g at once (N·O·[FP]). The rules in :mod:`ntkcore.rules` then assemble each
+output cotangents g at once (N·O·[FP]), and, in the same backward passes, the per-example
+gradients of the parameters that are best differentiated directly (fallbacks, and kinds the
+adapter leaves to its framework). The rules in :mod:`ntkcore.rules` then assemble each
 layer's contribution without forming ∂y/∂θ. A parameter shared by layers of different kinds
 (a tied embedding) is summed from its calls' per-example gradients where the adapter gives
 them in the parameter's own layout. Parameters no rule covers — layers without a rule,
 parameters also used outside their layer, other sharing across kinds — take the exact
-per-layer path: their own Jacobians, contracted.
+per-layer path: their own Jacobians (from the same backward passes), contracted.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from ..axes import KernelAxes
 from ..protocol import AutodiffBackend, Capture, LayerUse, Params
 from ..rules import GRADIENTS, RULES
 from ._common import device_of, output_basis
-from .jacobian_contraction import contract, jacobians
+from .jacobian_contraction import contract
 
 
 def plan(capture: Capture, params: Params) -> tuple[list[list[LayerUse]], list[LayerUse], list[str], list[str]]:
@@ -67,21 +69,40 @@ def plan(capture: Capture, params: Params) -> tuple[list[list[LayerUse]], list[L
     return kept, shared, fallback, reasons
 
 
-def _pieces(backend: AutodiffBackend, capture: Capture, params: Params, x: Any) -> tuple[dict, dict]:
-    """Structured inputs and output cotangents of every captured call, per example."""
+def _pieces(
+    backend: AutodiffBackend,
+    capture: Capture,
+    params: Params,
+    x: Any,
+    out_shape: tuple[int, ...],
+    direct: list[str],
+    needed: set[str],
+) -> tuple[dict, dict, dict]:
+    """Per example: the structured inputs of the ``needed`` calls, the output cotangents g of
+    every call, and the Jacobians of the ``direct`` parameters — all from one set of O
+    vectorised backward passes, taken with respect to the zero probes and those parameters."""
     xp = backend.namespace(x)
     like = next(iter(params.values()))
     device = device_of(like)
     kwargs = {} if device is None else {"device": device}
 
-    def one_example(x_i: Any) -> tuple[dict, dict]:
+    def one_example(x_i: Any) -> tuple[dict, dict, dict]:
         batch = x_i[None, ...]
         zeros = {k: xp.zeros(shape, dtype=like.dtype, **kwargs) for k, shape in capture.output_shapes.items()}
         _, inputs = capture.apply_probed(params, zeros, batch)
-        out, pullback = backend.vjp(lambda probes: capture.apply_probed(params, probes, batch)[0][0, ...], zeros)
-        return inputs, backend.vmap(pullback, (0,))(output_basis(xp, out))
+        primals = {**{f"probe/{k}": v for k, v in zeros.items()}, **{f"param/{n}": params[n] for n in direct}}
 
-    return backend.vmap(one_example, (0,))(x)
+        def f(primals: dict) -> Any:
+            probes = {k: primals[f"probe/{k}"] for k in zeros}
+            return capture.apply_probed({**params, **{n: primals[f"param/{n}"] for n in direct}}, probes, batch)[0]
+
+        out, pullback = backend.vjp(lambda p: f(p)[0, ...], primals)
+        cotangents = backend.vmap(pullback, (0,))(output_basis(xp, out))
+        g = {k: cotangents[f"probe/{k}"] for k in zeros}
+        return {k: inputs[k] for k in needed}, g, {n: cotangents[f"param/{n}"] for n in direct}
+
+    inputs, g, jac = backend.vmap(one_example, (0,))(x)
+    return inputs, g, {n: xp.reshape(j, (x.shape[0], *out_shape, -1)) for n, j in jac.items()}
 
 
 def _normalise(xp: Any, use: LayerUse, inputs: Any, cotangents: Any, out_shape: tuple[int, ...]) -> tuple[Any, Any]:
@@ -137,8 +158,17 @@ def kernel(
     """The NTK by structured derivatives; ``x2=None`` reuses x1's pieces."""
     xp = backend.namespace(x1)
     groups, shared, fallback, _ = plan(capture, params)
-    inputs1, g1 = _pieces(backend, capture, params, x1)
-    inputs2, g2 = (inputs1, g1) if x2 is None else _pieces(backend, capture, params, x2)
+    # fallback parameters, and kinds whose per-example gradients the framework computes best,
+    # are differentiated directly in the backward passes that give the cotangents
+    framework = capture.framework_gradients
+    direct = fallback + [name for g in groups if g[0].kind in framework for name in g[0].params.values()]
+    groups = [g for g in groups if g[0].kind not in framework]
+    needed = {use.key for g in groups for use in g} | {use.key for use in shared}
+    inputs1, g1, jac1 = _pieces(backend, capture, params, x1, out_shape, direct, needed)
+    inputs2, g2, jac2 = (
+        (inputs1, g1, jac1) if x2 is None else _pieces(backend, capture, params, x2, out_shape, direct, needed)
+    )
+    n2 = x1.shape[0] if x2 is None else x2.shape[0]
     total = None
     for group in groups:
         a1, b1 = _group_arrays(xp, group, inputs1, g1, out_shape)
@@ -146,20 +176,11 @@ def kernel(
         part = RULES[group[0].kind](xp, a1, b1, a2, b2, axes, set(group[0].params))
         total = part if total is None else total + part
     if shared:
-        jac1 = _shared_gradients(xp, shared, params, inputs1, g1, out_shape)
-        jac2 = jac1 if x2 is None else _shared_gradients(xp, shared, params, inputs2, g2, out_shape)
-        n2 = x1.shape[0] if x2 is None else x2.shape[0]
-        part = contract(xp, jac1, jac2, axes, (x1.shape[0], *out_shape), (n2, *out_shape))
+        s1 = _shared_gradients(xp, shared, params, inputs1, g1, out_shape)
+        s2 = s1 if x2 is None else _shared_gradients(xp, shared, params, inputs2, g2, out_shape)
+        part = contract(xp, s1, s2, axes, (x1.shape[0], *out_shape), (n2, *out_shape))
         total = part if total is None else total + part
-    if fallback:
-        rest = {name: params[name] for name in fallback}
-
-        def apply_rest(p: Params, x: Any) -> Any:
-            return apply({**params, **p}, x)
-
-        j1 = jacobians(backend, apply_rest, rest, x1, out_shape, coupled=False)
-        j2 = j1 if x2 is None else jacobians(backend, apply_rest, rest, x2, out_shape, coupled=False)
-        n2 = x1.shape[0] if x2 is None else x2.shape[0]
-        part = contract(xp, j1, j2, axes, (x1.shape[0], *out_shape), (n2, *out_shape))
+    if direct:
+        part = contract(xp, jac1, jac2, axes, (x1.shape[0], *out_shape), (n2, *out_shape))
         total = part if total is None else total + part
     return total

@@ -8,7 +8,9 @@ feature — and returns the layer's contribution to the kernel in the order of
 - dense y_s = x_s·W + b: Θ = Σ_{s,t} (x1_s·x2_t + 1[bias]) (g1_s·g2_t), or, when token axes
   make the pairwise form dearer, the per-example gradients Σ_s g_sᵀx_s contracted;
 - convolution: a dense layer on each output position's input patch, per group (grouped and
-  depthwise included); per-example weight gradients contracted;
+  depthwise included); per-example weight gradients contracted (adapters whose framework
+  differentiates convolutions faster take those gradients from it instead, see
+  ``Capture.framework_gradients``);
 - affine y = x̂∘γ + β (LayerNorm, RMSNorm, GroupNorm, BatchNorm): per-example gradients
   Σ_s g_s∘x̂_s and Σ_s g_s contracted (cost linear in the width);
 - embedding y_s = E[id_s]: Θ = Σ_{s,t} [id1_s = id2_t] (g1_s·g2_t).
@@ -140,12 +142,12 @@ def conv(xp: Any, x1: Any, g1: Any, x2: Any, g2: Any, axes: KernelAxes, roles: s
     contiguously. The per-example weight gradients Σ_s g_sᵀ·patch_s are contracted (the
     pairwise form costs S² per pair, more than the few weights of a convolution).
     """
-    return _per_example(xp, conv_gradients(xp, x1, g1, roles), conv_gradients(xp, x2, g2, roles), axes)
+    return _per_example(xp, _conv_gradients(xp, x1, g1, roles), _conv_gradients(xp, x2, g2, roles), axes)
 
 
-def conv_gradients(xp: Any, x: Any, g: Any, roles: set[str], shapes: Any = None) -> dict[str, Any]:
-    """Per-example gradients of a (grouped) convolution: weight (N, *out, G·F·K), laid out
-    (out channels, in channels per group, *kernel) when the patches are; bias (N, *out, C)."""
+def _conv_gradients(xp: Any, x: Any, g: Any, roles: set[str]) -> dict[str, Any]:
+    """Per-example gradients of a (grouped) convolution from its patches: weight (N, *out, G·F·K),
+    bias (N, *out, C)."""
     n, s, groups, k = x.shape
     lead = tuple(g.shape[:-2])
     jac = {}
@@ -200,7 +202,6 @@ def embedding_gradients(xp: Any, ids: Any, g: Any, roles: set[str], shapes: dict
 RULES = {"dense": dense, "conv": conv, "affine": affine, "embedding": embedding}
 GRADIENTS = {
     "dense": dense_gradients,
-    "conv": conv_gradients,
     "affine": affine_gradients,
     "embedding": embedding_gradients,
 }
