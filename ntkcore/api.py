@@ -40,7 +40,7 @@ def _build_compute(backend: AutodiffBackend, apply: Any, kind: str, key: tuple, 
             f2 = f1 if x2 is None else {"f": apply(params, x2)[..., None]}
             return jacobian_contraction.contract(xp, f1, f2, axes, shape1, shape2)
         if impl is Implementation.STRUCTURED:
-            return structured.kernel(backend, apply, capture, params, x1, x2, axes, out_shape)
+            return structured.kernel(backend, capture, params, x1, x2, axes, out_shape)
         if impl is Implementation.NTK_VECTOR_PRODUCTS:
             x2_ = x1 if x2 is None else x2
             return ntk_vector_products.kernel(backend, apply, params, x1, x2_, axes, out_shape, coupled=coupled)

@@ -47,9 +47,9 @@ class LayerUse:
     input* (dense: its input; affine: the normalised input x̂; embedding: the integer ids)
     and its output have the feature axis last and any number of token axes before it.
     ``native_layout`` says the parameters are laid out as the rule's per-example gradients
-    (dense weight (out, in); convolution (out, in per group, *kernel); embedding (vocabulary,
-    features)), so that a parameter shared by layers of different kinds (an embedding tied to
-    an output projection) is summed from them instead of falling back.
+    (dense weight (out, in), embedding table (vocabulary, features), affine (features,)), so
+    that a parameter shared by layers of different kinds (an embedding tied to an output
+    projection) is summed from them instead of falling back.
     """
 
     key: str

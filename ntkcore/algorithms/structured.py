@@ -147,7 +147,6 @@ def _shared_gradients(xp: Any, uses: list[LayerUse], params: Params, inputs: dic
 
 def kernel(
     backend: AutodiffBackend,
-    apply: Any,
     capture: Capture,
     params: Params,
     x1: Any,
