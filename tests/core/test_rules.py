@@ -105,3 +105,20 @@ def test_embedding(layout, vocabulary):
     _check(actual, jac[0], jac[1], out, trace, diagonal)
     gradient = rules.embedding_gradients(xp, ids[0], g[0], {"table"}, {"table": (vocabulary, f)})["table"]
     np.testing.assert_allclose(gradient, jac[0]["table"], rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(layouts(), st.integers(1, 3))
+def test_conv(layout, groups):
+    """Patches x (N, S, G, K) and g (N, *out, S, G·F): per group, a dense layer on the patches."""
+    n1, n2, out, s, k, f, trace, diagonal, seed = layout
+    rng = np.random.default_rng(seed)
+    x = [rng.normal(size=(n, s, groups, k)) for n in (n1, n2)]
+    g = [rng.normal(size=(n, *out, s, groups * f)) for n in (n1, n2)]
+    jac = []
+    for xi, gi in zip(x, g):  # ∂f/∂W[c, f, k] = Σ_s g[.., s, c·F + f] patch[s, c, k]
+        grouped = gi.reshape(*gi.shape[:-1], groups, f)
+        w = np.einsum("n...scf,nsck->n...cfk", grouped, xi)
+        jac.append({"weight": w.reshape(*w.shape[:-3], -1), "bias": gi.sum(axis=-2)})
+    actual = rules.conv(xp, x[0], g[0], x[1], g[1], _axes(n1, out, trace, diagonal), {"weight", "bias"})
+    _check(actual, jac[0], jac[1], out, trace, diagonal)
