@@ -86,6 +86,9 @@ def _per_example(xp: Any, jac1: dict, jac2: dict, axes: KernelAxes) -> Any:
     return contract(xp, jac1, jac2, axes, tuple(first.shape[: axes.ndim]), tuple(second.shape[: axes.ndim]))
 
 
+_MEMORY = 16  # multiply-adds per element written to and read back from memory (2-core CPUs)
+
+
 def dense(
     xp: Any, x1: Any, g1: Any, x2: Any, g2: Any, axes: KernelAxes, roles: set[str], order: str | None = None
 ) -> Any:
@@ -97,9 +100,17 @@ def dense(
     s, n_in = x1.shape[1], x1.shape[2]
     f = g1.shape[-1]
     out_shape = tuple(g1.shape[1:-2])
-    pairs = (n1 if 0 in axes.diagonal else n1 * n2) * _output_pairs(axes, out_shape)
-    pairwise_cost = pairs * s * s * (f + n_in)
-    per_example_cost = (n1 + n2) * math.prod(out_shape) * s * f * n_in + pairs * f * n_in
+    examples = n1 if 0 in axes.diagonal else n1 * n2
+    pairs = examples * _output_pairs(axes, out_shape)
+    entries = examples * math.prod(  # kernel entries per pair of tokens
+        n * n if a in axes.kept else n if a in axes.diagonal else 1 for a, n in enumerate(out_shape, start=1)
+    )
+    # multiply-adds, plus _MEMORY for every element of the intermediate each order materialises
+    # (token products, per-example gradients): batched matmuls over a short token axis are
+    # memory-bound, so counting multiply-adds alone picks the slower order
+    pairwise_cost = pairs * s * s * f + examples * s * s * n_in + _MEMORY * entries * s * s
+    gradients = (n1 + n2) * math.prod(out_shape) * f * n_in
+    per_example_cost = gradients * (s + _MEMORY) + pairs * f * n_in
     if order == "pairwise" or (order is None and pairwise_cost <= per_example_cost):
         weights = 0
         if "weight" in roles:
