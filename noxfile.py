@@ -1,10 +1,13 @@
-"""nox sessions: one test environment per framework, all three together, none, lint, demo.
+"""nox sessions: one test environment per framework, all three together, none, lint, demo, bench.
 
 ``nox`` (no arguments) runs every test session and lint: the README's test command and CI.
 Installs use pip, which finds the local torch 2.13.0 CPU wheel (uv does not look there).
 """
 
 from __future__ import annotations
+
+import shlex
+from pathlib import Path
 
 import nox
 
@@ -20,6 +23,8 @@ BACKENDS = {
     "tensorflow": ("tensorflow", ()),
 }
 ENV = {"PYTHONHASHSEED": "0", "TF_CPP_MIN_LOG_LEVEL": "2"}
+# neural-tangents 0.6.5 and what it works with (newer JAX breaks its import or its structured derivatives).
+ANCHOR = ["neural-tangents==0.6.5", "jax==0.4.25", "jaxlib==0.4.25", "numpy<2", "tf2jax==0.3.6", "tensorflow<2.18"]
 
 
 def _install(session: nox.Session, extras: str | None, *groups: str) -> None:
@@ -40,7 +45,7 @@ def tests(session: nox.Session, backend: str) -> None:
 @nox.session
 def cross(session: nox.Session) -> None:
     """All three frameworks in one environment: the cross-framework agreement tests."""
-    _install(session, "all", "test")
+    _install(session, "all", "test", "bench")
     session.run(
         "pytest", "--backend=torch,jax,tensorflow", "tests/cross_backend", "tests/core", *session.posargs, env=ENV
     )
@@ -66,3 +71,20 @@ def demo(session: nox.Session) -> None:
     """The main job: ``ntkcore demo`` with every framework."""
     _install(session, "all")
     session.run("ntkcore", "demo", *session.posargs, env=ENV)
+
+
+@nox.session(name="bench-anchor", default=False)
+def bench_anchor(session: nox.Session) -> None:
+    """neural-tangents 0.6.5 in an environment of its own: the benchmark's JAX anchor."""
+    session.install(*ANCHOR)
+    session.run("python", "-c", "import neural_tangents", env=ENV)
+
+
+@nox.session(requires=["bench-anchor"], default=False)
+def bench(session: nox.Session) -> None:
+    """The benchmark harness against neural-tangents and torch.func; rewrites benchmarks/RESULTS.md."""
+    _install(session, "all", "bench")
+    anchor = Path(session.virtualenv.location).parent / "bench-anchor" / "bin" / "python"
+    command = shlex.join(["nox", "-s", "bench", *(["--", *session.posargs] if session.posargs else [])])
+    env = {**ENV, "NTKCORE_BENCH_COMMAND": command}
+    session.run("python", "-m", "benchmarks", "--anchor-python", str(anchor), *session.posargs, env=env)

@@ -1,13 +1,17 @@
-"""Benchmark workloads, defined once as numpy weights and built in each framework.
+"""Benchmark workloads: defined once, saved as one .npz each, built in every framework from it.
 
-Each workload is (widths/shapes, N, axes); ``build(backend, name)`` returns the model, the
-keyword arguments for ``ntkcore.ntk`` and float32 inputs. Weights come from one seeded
-numpy RNG, so every framework computes the same kernel.
+A workload is a model family, its sizes, N and the kernel's axes. ``save`` writes its weights
+(flat ``name → array``, from one seeded numpy RNG) and inputs to a .npz; every runner (ntkcore
+in each framework, the torch.func baseline, neural-tangents in its own environment) builds its
+model from that file, so all of them compute the same kernel. Only numpy is imported here: the
+neural-tangents environment has none of ntkcore's dependencies.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,266 +20,152 @@ import numpy as np
 @dataclass(frozen=True)
 class Workload:
     name: str
-    kind: str  # "mlp", "factorized", "cnn", "transformer"
+    kind: str  # "mlp", "factorized", "cnn", "resnet", "transformer"
     n: int
     widths: tuple[int, ...] = ()
     rank: int = 0
     axes: dict = field(default_factory=dict)
 
+    @property
+    def traced(self) -> bool:
+        return bool(self.axes.get("trace_axes"))
 
+
+MLP512 = (64, 512, 512, 512, 10)
+TRACED = {"trace_axes": (-1,)}
+# The table: the five workloads of the structured-derivatives issue, the ResNet block, the transformer.
 WORKLOADS = {
     w.name: w
     for w in (
-        Workload("mlp512_full", "mlp", 32, (64, 512, 512, 512, 10)),
-        Workload("mlp512_traced", "mlp", 32, (64, 512, 512, 512, 10), axes={"trace_axes": (-1,)}),
+        Workload("mlp512_full", "mlp", 32, MLP512),
+        Workload("mlp512_traced", "mlp", 32, MLP512, axes=TRACED),
         Workload("mlp2048_full", "mlp", 16, (64, 2048, 2048, 10)),
         Workload("cnn_full", "cnn", 16),
-        Workload("cnn_traced", "cnn", 16, axes={"trace_axes": (-1,)}),
-        Workload("factorized_full", "factorized", 32, (64, 512, 512, 512, 10), rank=32),
+        Workload("cnn_traced", "cnn", 16, axes=TRACED),
+        Workload("factorized_full", "factorized", 32, MLP512, rank=32),
+        Workload("resnet_full", "resnet", 16),
         Workload("transformer_full", "transformer", 16),
-        Workload("transformer_traced", "transformer", 16, axes={"trace_axes": (-1,)}),
+        Workload("transformer_traced", "transformer", 16, axes=TRACED),
     )
 }
+# Scaling sweeps (traced NTK of a two-hidden-layer MLP): width at N = 8, and N at width 512.
+WIDTH_SWEEP = tuple(Workload(f"width{w}", "mlp", 8, (64, w, w, 10), axes=TRACED) for w in (256, 512, 1024, 2048, 4096))
+N_SWEEP = tuple(Workload(f"n{n}", "mlp", n, (64, 512, 512, 10), axes=TRACED) for n in (8, 16, 32, 64, 128, 256))
+# A tiny workload and tiny sweeps for the CI smoke run of the harness.
+SMOKE = Workload("smoke", "mlp", 4, (8, 16, 16, 3))
+SMOKE_WIDTH = tuple(Workload(f"smoke_width{w}", "mlp", 4, (8, w, w, 3), axes=TRACED) for w in (8, 16, 32))
+SMOKE_N = tuple(Workload(f"smoke_n{n}", "mlp", n, (8, 16, 16, 3), axes=TRACED) for n in (2, 4, 8))
+ALL = {w.name: w for w in (*WORKLOADS.values(), *WIDTH_SWEEP, *N_SWEEP, SMOKE, *SMOKE_WIDTH, *SMOKE_N)}
+
 # the transformer block: vocabulary, tokens, width, heads, MLP width; logits of the last token
 VOCABULARY, TOKENS, WIDTH, HEADS, HIDDEN = 128, 16, 64, 4, 256
+CHANNELS, IMAGE = 32, (16, 16, 3)  # CNN and ResNet block
+BN_EPSILON = 1e-5
 
 
-def _weights(workload: Workload) -> dict[str, Any]:
+def weights(workload: Workload) -> dict[str, np.ndarray]:
+    """Flat ``name → float64 array``, from a seeded RNG (the same for every framework)."""
     rng = np.random.default_rng(0)
+    normal = rng.normal
+    out: dict[str, np.ndarray] = {}
     if workload.kind == "transformer":  # pre-LayerNorm block, causal attention, logits tied to the embedding
-        dense = {
-            name: (rng.normal(size=(a, b)) / np.sqrt(a), 0.1 * rng.normal(size=b))
-            for name, a, b in (
-                *((c, WIDTH, WIDTH) for c in ("q", "k", "v", "o")),
-                ("mlp1", WIDTH, HIDDEN),
-                ("mlp2", HIDDEN, WIDTH),
-            )
-        }
-        norms = {name: (1 + 0.1 * rng.normal(size=WIDTH), 0.1 * rng.normal(size=WIDTH)) for name in ("ln1", "ln2")}
-        return {"embed": rng.normal(size=(VOCABULARY, WIDTH)), **dense, **norms}
-    if workload.kind == "cnn":  # three 3×3 convolutions, 32 channels, 16×16×3 images, pool, dense 10
-        convs = [(rng.normal(size=(3, 3, c, 32)) / np.sqrt(9 * c), 0.1 * rng.normal(size=32)) for c in (3, 32, 32)]
-        return {"convs": convs, "head": (rng.normal(size=(32, 10)) / np.sqrt(32), 0.1 * rng.normal(size=10))}
-    layers = []
-    for i, (a, b) in enumerate(zip(workload.widths[:-1], workload.widths[1:])):
-        hidden = 0 < i < len(workload.widths) - 2
-        if workload.kind == "factorized" and hidden:
-            layers.append(
-                (
-                    rng.normal(size=(a, workload.rank)) / np.sqrt(a),
-                    rng.normal(size=(workload.rank, b)) * np.sqrt(2 / workload.rank),
-                    0.1 * rng.normal(size=b),
-                )
-            )
+        out["embed"] = normal(size=(VOCABULARY, WIDTH))
+        for name, a, b in (*((c, WIDTH, WIDTH) for c in "qkvo"), ("mlp1", WIDTH, HIDDEN), ("mlp2", HIDDEN, WIDTH)):
+            out[f"{name}.w"], out[f"{name}.b"] = normal(size=(a, b)) / np.sqrt(a), 0.1 * normal(size=b)
+        for name in ("ln1", "ln2"):
+            out[f"{name}.g"], out[f"{name}.b"] = 1 + 0.1 * normal(size=WIDTH), 0.1 * normal(size=WIDTH)
+        return out
+    if workload.kind in ("cnn", "resnet"):  # 3×3 convolutions (HWIO), CHANNELS wide, pool, dense 10
+        for i, c in enumerate((IMAGE[2], CHANNELS, CHANNELS)):
+            out[f"conv{i}.w"] = normal(size=(3, 3, c, CHANNELS)) / np.sqrt(9 * c)
+            if workload.kind == "cnn" or i == 0:
+                out[f"conv{i}.b"] = 0.1 * normal(size=CHANNELS)
+            else:  # ResNet: conv → eval-mode BatchNorm, with running statistics as buffers
+                out[f"bn{i}.g"], out[f"bn{i}.b"] = 1 + 0.1 * normal(size=CHANNELS), 0.1 * normal(size=CHANNELS)
+                out[f"bn{i}.mean"], out[f"bn{i}.var"] = 0.1 * normal(size=CHANNELS), rng.uniform(0.5, 1.5, CHANNELS)
+        out["head.w"], out["head.b"] = normal(size=(CHANNELS, 10)) / np.sqrt(CHANNELS), 0.1 * normal(size=10)
+        return out
+    widths = workload.widths
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
+        if workload.kind == "factorized" and 0 < i < len(widths) - 2:
+            out[f"layer{i}.u"] = normal(size=(a, workload.rank)) / np.sqrt(a)
+            out[f"layer{i}.v"] = normal(size=(workload.rank, b)) * np.sqrt(2 / workload.rank)
         else:
-            layers.append((rng.normal(size=(a, b)) * np.sqrt(2 / a), 0.1 * rng.normal(size=b)))
-    return {"layers": layers}
+            out[f"layer{i}.w"] = normal(size=(a, b)) * np.sqrt(2 / a)
+        out[f"layer{i}.b"] = 0.1 * normal(size=b)
+    return out
+
+
+BUFFERS = (".mean", ".var")  # non-trainable entries of ``weights``
 
 
 def inputs(workload: Workload) -> np.ndarray:
+    rng = np.random.default_rng(1)
     if workload.kind == "transformer":
-        return np.random.default_rng(1).integers(0, VOCABULARY, size=(workload.n, TOKENS))
-    shape = (16, 16, 3) if workload.kind == "cnn" else (workload.widths[0],)
-    return np.random.default_rng(1).normal(size=(workload.n, *shape)).astype(np.float32)
+        return rng.integers(0, VOCABULARY, size=(workload.n, TOKENS)).astype(np.int32)
+    shape = IMAGE if workload.kind in ("cnn", "resnet") else (workload.widths[0],)
+    return rng.normal(size=(workload.n, *shape)).astype(np.float32)
 
 
-def build(backend: str, workload: Workload) -> tuple[Any, dict]:
-    weights = _weights(workload)
-    return {"torch": _torch, "jax": _jax, "tensorflow": _keras}[backend](workload, weights)
+def save(workload: Workload, directory: Path) -> Path:
+    """Write the workload's weights and inputs (key ``x``) to ``directory/<name>.npz``."""
+    path = Path(directory) / f"{workload.name}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, x=inputs(workload), **weights(workload))
+    return path
 
 
-def _torch(workload: Workload, weights: dict) -> tuple[Any, dict]:
-    import torch
-    from torch import nn
+def load(path: str | Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """(weights, inputs) from a file written by :func:`save`."""
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    return arrays, arrays.pop("x")
 
-    from ntkcore_torch import FactorizedLinear
 
-    def linear(w, b):
-        layer = nn.Linear(*w.shape)
-        with torch.no_grad():
-            layer.weight.copy_(torch.as_tensor(w.T))
-            layer.bias.copy_(torch.as_tensor(b))
-        return layer
-
+def layers(workload: Workload) -> list[tuple[str, int, int, int, int]]:
+    """Parameterised layers as (kind, fan-in, fan-out, positions, parameters): the input of the FLOP counts."""
+    w = {k: v.shape for k, v in weights(workload).items()}
+    out: list[tuple[str, int, int, int, int]] = []
     if workload.kind == "transformer":
-
-        class Block(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.embed = nn.Embedding(VOCABULARY, WIDTH)
-                self.ln1, self.ln2 = nn.LayerNorm(WIDTH), nn.LayerNorm(WIDTH)
-                self.attn = nn.MultiheadAttention(WIDTH, HEADS, batch_first=True)
-                self.mlp1, self.mlp2 = linear(*weights["mlp1"]), linear(*weights["mlp2"])
-                t = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
-                with torch.no_grad():
-                    self.embed.weight.copy_(t(weights["embed"]))
-                    for name in ("ln1", "ln2"):
-                        getattr(self, name).weight.copy_(t(weights[name][0]))
-                        getattr(self, name).bias.copy_(t(weights[name][1]))
-                    self.attn.in_proj_weight.copy_(torch.cat([t(weights[c][0]).T for c in "qkv"]))
-                    self.attn.in_proj_bias.copy_(torch.cat([t(weights[c][1]) for c in "qkv"]))
-                    self.attn.out_proj.weight.copy_(t(weights["o"][0]).T)
-                    self.attn.out_proj.bias.copy_(t(weights["o"][1]))
-                self.register_buffer("mask", torch.ones(TOKENS, TOKENS, dtype=torch.bool).triu(1))
-                self.logits = nn.Linear(WIDTH, VOCABULARY, bias=False)
-                self.logits.weight = self.embed.weight  # tied, as transformer libraries do
-
-            def forward(self, ids):
-                h = self.embed(ids)
-                a = self.ln1(h)
-                h = h + self.attn(a, a, a, attn_mask=self.mask, need_weights=False)[0]
-                h = h + self.mlp2(torch.relu(self.mlp1(self.ln2(h))))
-                return self.logits(h[:, -1])
-
-        return Block().float().eval(), {}
-    if workload.kind == "cnn":
-
-        class CNN(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.convs = nn.ModuleList()
-                for w, b in weights["convs"]:
-                    conv = nn.Conv2d(w.shape[2], w.shape[3], 3, padding=1)
-                    with torch.no_grad():
-                        conv.weight.copy_(torch.as_tensor(w).permute(3, 2, 0, 1))
-                        conv.bias.copy_(torch.as_tensor(b))
-                    self.convs.append(conv)
-                self.head = linear(*weights["head"])
-
-            def forward(self, x):
-                y = x.permute(0, 3, 1, 2)
-                for conv in self.convs:
-                    y = torch.relu(conv(y))
-                return self.head(y.mean(dim=(2, 3)))
-
-        return CNN().eval(), {}
-    modules: list = []
-    for layer in weights["layers"]:
-        if len(layer) == 3:
-            u, v, b = layer
-            f = FactorizedLinear(u.shape[0], v.shape[1], rank=u.shape[1])
-            with torch.no_grad():
-                f.u.weight.copy_(torch.as_tensor(u.T))
-                f.v.weight.copy_(torch.as_tensor(v.T))
-                f.v.bias.copy_(torch.as_tensor(b))
-            modules += [f, nn.ReLU()]
+        out.append(("embedding", VOCABULARY, WIDTH, TOKENS, VOCABULARY * WIDTH))
+        for name in ("q", "k", "v", "o", "mlp1", "mlp2"):
+            a, b = w[f"{name}.w"]
+            out.append(("dense", a + 1, b, TOKENS, (a + 1) * b))
+        out += [("scale", 2, WIDTH, TOKENS, 2 * WIDTH)] * 2
+        out.append(("dense", WIDTH, VOCABULARY, 1, 0))  # tied logits: the table's second use, no new parameters
+        return out
+    if workload.kind in ("cnn", "resnet"):
+        positions = IMAGE[0] * IMAGE[1]
+        for i in range(3):
+            kh, kw, c, d = w[f"conv{i}.w"]
+            fan_in = kh * kw * c + (f"conv{i}.b" in w)
+            out.append(("dense", fan_in, d, positions, fan_in * d))
+            if f"bn{i}.g" in w:
+                out.append(("scale", 2, d, positions, 2 * d))
+        out.append(("dense", CHANNELS + 1, 10, 1, (CHANNELS + 1) * 10))
+        return out
+    for i in range(len(workload.widths) - 1):
+        if f"layer{i}.u" in w:
+            (a, r), (_, b) = w[f"layer{i}.u"], w[f"layer{i}.v"]
+            out += [("dense", a, r, 1, a * r), ("dense", r + 1, b, 1, (r + 1) * b)]
         else:
-            modules += [linear(*layer), nn.ReLU()]
-    return nn.Sequential(*modules[:-1]).float().eval(), {}
+            a, b = w[f"layer{i}.w"]
+            out.append(("dense", a + 1, b, 1, (a + 1) * b))
+    return out
 
 
-def _jax(workload: Workload, weights: dict) -> tuple[Any, dict]:
-    import jax
-    import jax.numpy as jnp
+def build(backend: str, workload: Workload, arrays: dict[str, np.ndarray], dtype: str = "float32") -> tuple[Any, dict]:
+    """(model, extra keyword arguments for ``ntkcore.ntk_fn``) in ``backend``'s framework."""
+    if backend == "jax":
+        from benchmarks import jax_models
 
-    from ntkcore_jax import factorized_dense_apply
+        return jax_models.build(workload, arrays, dtype)
+    if backend == "torch":
+        from benchmarks import torch_models
 
-    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
-    if workload.kind == "transformer":
-        params = jax.tree_util.tree_map(f32, weights)
+        return torch_models.build(workload, arrays, dtype), {}
+    if backend == "tensorflow":
+        from benchmarks import keras_models
 
-        def norm(h, gamma_beta):
-            mu = h.mean(-1, keepdims=True)
-            return (h - mu) / jnp.sqrt(((h - mu) ** 2).mean(-1, keepdims=True) + 1e-5) * gamma_beta[0] + gamma_beta[1]
-
-        def block(p, ids):
-            h = p["embed"][ids]
-            a = norm(h, p["ln1"])
-            n, s, _ = a.shape
-            q, k, v = ((a @ p[c][0] + p[c][1]).reshape(n, s, HEADS, -1) for c in "qkv")
-            scores = jnp.einsum("nshd,nthd->nhst", q, k) / np.sqrt(WIDTH // HEADS)
-            scores = jnp.where(jnp.tril(jnp.ones((s, s), bool)), scores, -jnp.inf)
-            heads = jnp.einsum("nhst,nthd->nshd", jax.nn.softmax(scores, axis=-1), v).reshape(n, s, WIDTH)
-            h = h + heads @ p["o"][0] + p["o"][1]
-            h = h + jax.nn.relu(norm(h, p["ln2"]) @ p["mlp1"][0] + p["mlp1"][1]) @ p["mlp2"][0] + p["mlp2"][1]
-            return h[:, -1] @ p["embed"].T
-
-        return block, {"params": params}
-    if workload.kind == "cnn":
-        params = {"convs": [(f32(w), f32(b)) for w, b in weights["convs"]], "head": tuple(map(f32, weights["head"]))}
-
-        def cnn(p, x):
-            for w, b in p["convs"]:
-                x = jax.nn.relu(
-                    jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) + b
-                )
-            return x.mean(axis=(1, 2)) @ p["head"][0] + p["head"][1]
-
-        return cnn, {"params": params}
-    params = [
-        {"u": f32(layer[0]), "v": f32(layer[1]), "b": f32(layer[2])}
-        if len(layer) == 3
-        else {"w": f32(layer[0]), "b": f32(layer[1])}
-        for layer in weights["layers"]
-    ]
-
-    def mlp(p, x):
-        for i, layer in enumerate(p):
-            x = factorized_dense_apply(layer, x) if "u" in layer else x @ layer["w"] + layer["b"]
-            x = jax.nn.relu(x) if i < len(p) - 1 else x
-        return x
-
-    return mlp, {"params": params}
-
-
-def _keras(workload: Workload, weights: dict) -> tuple[Any, dict]:
-    import keras
-
-    from ntkcore_tensorflow import FactorizedDense
-
-    if workload.kind == "transformer":
-        return _keras_transformer(keras, weights), {}
-    if workload.kind == "cnn":
-        convs = [keras.layers.Conv2D(32, 3, padding="same", activation="relu") for _ in weights["convs"]]
-        head = keras.layers.Dense(10)
-        model = keras.Sequential([keras.Input((16, 16, 3)), *convs, keras.layers.GlobalAveragePooling2D(), head])
-        for layer, (w, b) in zip(convs, weights["convs"]):
-            layer.set_weights([w.astype("float32"), b.astype("float32")])
-        head.set_weights([a.astype("float32") for a in weights["head"]])
-        return model, {}
-    layers, values = [], []
-    for i, layer in enumerate(weights["layers"]):
-        activation = "relu" if i < len(weights["layers"]) - 1 else None
-        if len(layer) == 3:
-            layers.append(FactorizedDense(layer[1].shape[1], rank=layer[0].shape[1], activation=activation))
-        else:
-            layers.append(keras.layers.Dense(layer[0].shape[1], activation=activation))
-        values.append([a.astype("float32") for a in layer])
-    model = keras.Sequential([keras.Input((workload.widths[0],)), *layers])
-    for layer, value in zip(layers, values):
-        layer.set_weights(value)
-    return model, {}
-
-
-def _keras_transformer(keras: Any, weights: dict) -> Any:
-    L = keras.layers
-
-    class LastTokenLogits(L.Layer):
-        """Logits of the last token from the embedding table itself (tied weights)."""
-
-        def __init__(self, embedding, **kwargs):
-            super().__init__(**kwargs)
-            self.embedding = embedding
-
-        def call(self, h):
-            return keras.ops.matmul(h[:, -1], keras.ops.transpose(self.embedding.embeddings))
-
-    ids = keras.Input((TOKENS,), dtype="int32")
-    embedding = L.Embedding(VOCABULARY, WIDTH)
-    attention = L.MultiHeadAttention(HEADS, WIDTH // HEADS)
-    ln1, ln2 = L.LayerNormalization(epsilon=1e-5), L.LayerNormalization(epsilon=1e-5)
-    mlp1, mlp2 = L.Dense(HIDDEN, activation="relu"), L.Dense(WIDTH)
-    h = embedding(ids)
-    a = ln1(h)
-    h = h + attention(a, a, use_causal_mask=True)
-    h = h + mlp2(mlp1(ln2(h)))
-    model = keras.Model(ids, LastTokenLogits(embedding)(h))
-    f32 = lambda *arrays: [np.asarray(a, np.float32) for a in arrays]  # noqa: E731
-    embedding.set_weights(f32(weights["embed"]))
-    for layer, name in ((ln1, "ln1"), (ln2, "ln2"), (mlp1, "mlp1"), (mlp2, "mlp2")):
-        layer.set_weights(f32(*weights[name]))
-    heads = (HEADS, WIDTH // HEADS)
-    for c, dense in zip("qkv", (attention._query_dense, attention._key_dense, attention._value_dense)):
-        dense.set_weights(f32(weights[c][0].reshape(WIDTH, *heads), weights[c][1].reshape(heads)))
-    attention._output_dense.set_weights(f32(weights["o"][0].reshape(*heads, WIDTH), weights["o"][1]))
-    return model
+        return keras_models.build(workload, arrays, dtype), {}
+    raise ValueError(f"backend: expected 'jax', 'torch' or 'tensorflow', got {backend!r}")
