@@ -6,7 +6,8 @@ costs 2F and a forward-mode pass 3F (primal and tangent). FLOPs are 2 × multipl
 
 - Jacobian contraction: N·(F + 2·O·F) for the Jacobians, then 2·N²·Oc·P.
 - NTK-vector products: N·(F + 2·O·F) for the vjps of x2, then N²·O jvps of 3F through x1.
-- Structured derivatives: the same N·(F + 2·O·F) for the cotangents, then per layer the
+- Structured derivatives: N·(F + O·F) for the cotangents (the backward passes need only the
+  input cotangents, not the weight gradients), then per layer the
   cheaper of the dense rule's two orders (the choice ntkcore's rule makes): pairwise
   2·N²·T²·(a + Oc·b + Oc), or per-example 2·N·O·T·a·b + 2·N²·Oc·a·b, for a layer with
   fan-in a, fan-out b and T positions sharing its weights (tokens, pixels).
@@ -45,7 +46,7 @@ def flops(workload: Workload, implementation: str) -> float | None:
         return backward + 2 * n * n * oc * p
     if method == "nvp":
         return backward + n * n * o * 3 * f
-    total = backward
+    total = n * (f + o * f)
     for _, a, b, t, _ in layers(workload):
         pairwise = 2 * n * n * t * t * (a + oc * b + oc)
         per_example = 2 * n * o * t * a * b + 2 * n * n * oc * a * b

@@ -122,10 +122,14 @@ class AutodiffBackend(Protocol):
     def vjp(self, fn: Callable[[Params], Array], primals: Params) -> tuple[Array, Callable[[Array], dict[str, Array]]]:
         """Reverse mode: ``(fn(primals), cotangent -> parameter-map cotangent)``."""
 
-    def vmap(self, fn: Callable[..., Any], in_axes: tuple[int | None, ...]) -> Callable[..., Any]:
+    def vmap(
+        self, fn: Callable[..., Any], in_axes: tuple[int | None, ...], chunk_size: int | None = None
+    ) -> Callable[..., Any]:
         """Vectorise ``fn`` over axis 0 of the arguments whose ``in_axes`` entry is 0.
 
-        Outputs (arrays or parameter maps of arrays) are stacked along a new axis 0.
+        Outputs (arrays or parameter maps of arrays) are stacked along a new axis 0. With
+        ``chunk_size``, at most that many elements are vectorised at once and the chunks run
+        one after another (bounding the memory of large per-element intermediates).
         """
 
     def jit(self, fn: Callable[..., Any]) -> Callable[..., Any]:

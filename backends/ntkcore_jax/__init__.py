@@ -187,8 +187,23 @@ class JaxBackend:
         out, pullback = jax.vjp(fn, dict(primals))
         return out, lambda cotangent: pullback(cotangent)[0]
 
-    def vmap(self, fn: Callable, in_axes: tuple[int | None, ...]) -> Callable:
-        return jax.vmap(fn, in_axes=in_axes)
+    def vmap(self, fn: Callable, in_axes: tuple[int | None, ...], chunk_size: int | None = None) -> Callable:
+        if chunk_size is None:
+            return jax.vmap(fn, in_axes=in_axes)
+        mapped = [i for i, axis in enumerate(in_axes) if axis is not None]
+        if any(in_axes[i] != 0 for i in mapped):
+            raise NotImplementedError(f"chunked vmap maps over axis 0 only, got in_axes={in_axes}")
+
+        def chunked(*args: Any) -> Any:
+            def one(elems: tuple) -> Any:
+                full = list(args)
+                for i, e in zip(mapped, elems):
+                    full[i] = e
+                return fn(*full)
+
+            return jax.lax.map(one, tuple(args[i] for i in mapped), batch_size=chunk_size)
+
+        return chunked
 
     def jit(self, fn: Callable) -> Callable:
         return jax.jit(fn)

@@ -234,7 +234,7 @@ class TensorFlowBackend:
 
         return out, pullback
 
-    def vmap(self, fn: Callable, in_axes: tuple[int | None, ...]) -> Callable:
+    def vmap(self, fn: Callable, in_axes: tuple[int | None, ...], chunk_size: int | None = None) -> Callable:
         mapped = [i for i, axis in enumerate(in_axes) if axis is not None]
         if any(in_axes[i] != 0 for i in mapped) or not mapped:
             raise NotImplementedError(
@@ -251,7 +251,11 @@ class TensorFlowBackend:
                     full[i] = e
                 return fn(*full)
 
-            return tf.vectorized_map(body, tuple(args[i] for i in mapped), fallback_to_while_loop=True)
+            elems = tuple(args[i] for i in mapped)
+            n = None if chunk_size is None else tf.nest.flatten(elems)[0].shape[0]
+            if n is None or n <= chunk_size:
+                return tf.vectorized_map(body, elems, fallback_to_while_loop=True)
+            return _chunked_map(body, elems, n, chunk_size)
 
         return vectorised
 
@@ -262,3 +266,31 @@ class TensorFlowBackend:
         from .capture import capture
 
         return capture(prepared.source, prepared.params, prepared.apply, x)
+
+
+def _chunked_map(body: Callable, elems: tuple, n: int, size: int) -> Any:
+    """``vectorized_map(body, elems)`` over chunks of ``size``, one chunk after another.
+
+    The first chunk is vectorised directly (its outputs give the signature), the other full
+    chunks run in a ``tf.map_fn`` loop (one vectorisation, not one per chunk), the remainder
+    directly; the results are concatenated.
+    """
+
+    def chunk(part: Any) -> Any:
+        return tf.vectorized_map(body, part, fallback_to_while_loop=True)
+
+    def take(start: int, stop: int) -> Any:
+        return tf.nest.map_structure(lambda e: e[start:stop], elems)
+
+    full = n // size * size
+    parts = [chunk(take(0, size))]
+    if full > size:
+        middle = tf.nest.map_structure(
+            lambda e: tf.reshape(e, (full // size - 1, size, *e.shape[1:])), take(size, full)
+        )
+        signature = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), parts[0])
+        looped = tf.map_fn(chunk, middle, fn_output_signature=signature, parallel_iterations=1)
+        parts.append(tf.nest.map_structure(lambda t: tf.reshape(t, (-1, *t.shape[2:])), looped))
+    if full < n:
+        parts.append(chunk(take(full, n)))
+    return tf.nest.map_structure(lambda *p: tf.concat(p, 0), *parts)

@@ -124,8 +124,8 @@ class TorchBackend:
         out, pullback = torch.func.vjp(fn, dict(primals))
         return out, lambda cotangent: pullback(cotangent)[0]
 
-    def vmap(self, fn: Callable, in_axes: tuple[int | None, ...]) -> Callable:
-        return torch.func.vmap(fn, in_dims=in_axes)
+    def vmap(self, fn: Callable, in_axes: tuple[int | None, ...], chunk_size: int | None = None) -> Callable:
+        return torch.func.vmap(fn, in_dims=in_axes, chunk_size=chunk_size)
 
     def jit(self, fn: Callable) -> Callable:
         # torch.compile under torch.func transforms compiles for minutes on CPU for little gain

@@ -8,11 +8,27 @@ afterwards; ``diagonal_axes=(0,)`` pairs x1[i] only with x2[i] (N·O·[FP]).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ..axes import KernelAxes, reduce_pairs
 from ..protocol import AutodiffBackend, Params
 from ._common import output_basis
+
+# The N2·O parameter-sized tangents of the vectorised products stream through memory at every
+# layer; vectorising over all of x2 at once is memory-bound well before it fills the cores.
+# Chunks of x2 whose tangents take about this many bytes run one after another instead.
+CHUNK_BYTES = 64 * 2**20
+_ITEMSIZE = {"float64": 8, "complex64": 8, "complex128": 16, "float16": 2, "bfloat16": 2}
+
+
+def chunk_size(backend: AutodiffBackend, params: Params, n: int, outputs: int) -> int | None:
+    """Examples of x2 per vectorised step (None: all of them)."""
+    like = next(iter(params.values()))
+    itemsize = _ITEMSIZE.get(backend.dtype_name(like), 4)
+    per_example = outputs * itemsize * sum(math.prod(p.shape) for p in params.values())
+    size = max(1, CHUNK_BYTES // max(per_example, 1))
+    return None if size >= n else int(size)
 
 
 def kernel(
@@ -48,7 +64,8 @@ def kernel(
         block = xp.reshape(block, (n1, *out_shape, *out_shape))  # (N, O, 1, *out)
         labels = [("d", 0), *[(2, a) for a in out_axes], *[(1, a) for a in out_axes]]
     else:
-        block = backend.vmap(lambda b: columns(x1, b, squeeze=True), (0,))(x2)  # (N2, O, N1, *out)
+        chunk = chunk_size(backend, params, n2, math.prod(out_shape))
+        block = backend.vmap(lambda b: columns(x1, b, squeeze=True), (0,), chunk_size=chunk)(x2)  # (N2, O, N1, *out)
         block = xp.reshape(block, (n2, *out_shape, n1, *out_shape))
         labels = [(2, 0), *[(2, a) for a in out_axes], (1, 0), *[(1, a) for a in out_axes]]
     return reduce_pairs(xp, block, labels, axes)

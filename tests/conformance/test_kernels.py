@@ -135,3 +135,23 @@ def test_nngp(backend, zoo, case):
     f2 = zoo.to_numpy(zoo.forward(built, x2))
     expected = np.einsum("i...k,j...k->ij...", f1, f2) if f1.ndim == 2 else np.einsum("iak,jbk->ijab", f1, f2)
     assert_close(zoo.to_numpy(kernel), expected, RTOL["float64"])
+
+
+@pytest.mark.filterwarnings("ignore::ntkcore.StructuredFallbackWarning")
+@pytest.mark.parametrize("axes", ["full", "trace"])
+@pytest.mark.parametrize("case", ["mlp", "transformer"])
+def test_chunked_and_blocked_paths(backend, zoo, case, axes, monkeypatch):
+    """NTK-vector products over x2 in chunks of 2 (with a remainder) and Jacobian contraction
+    summed over contraction blocks of 7 elements give the same kernel as the one-shot paths."""
+    from ntkcore import api
+    from ntkcore.algorithms import jacobian_contraction, ntk_vector_products
+
+    monkeypatch.setattr(api, "_COMPILED", type(api._COMPILED)())  # trace afresh with the patched sizes
+    monkeypatch.setattr(ntk_vector_products, "chunk_size", lambda *args: 2)
+    monkeypatch.setattr(jacobian_contraction, "CONTRACT_BLOCK", 7)
+    x1, x2 = inputs(case)
+    assert len(x2) % 2 == 1 or len(x1) % 2 == 1, "the chunks should leave a remainder"
+    for implementation in ("ntk_vector_products", "jacobian_contraction"):
+        for other in (x2, None):
+            kernel = zoo.to_numpy(compute(zoo, case, "float64", x1, other, implementation, axes))
+            assert_close(kernel, reference(zoo, case, x1, other, axes), RTOL["float64"])

@@ -81,7 +81,7 @@ class FiniteDifferenceBackend:
         out, jac = self._jacobian(fn, primals)
         return out, lambda ct: _unflat(primals, np.asarray(ct).ravel() @ jac)
 
-    def vmap(self, fn: Callable, in_axes: tuple) -> Callable:
+    def vmap(self, fn: Callable, in_axes: tuple, chunk_size: int | None = None) -> Callable:
         def mapped(*args: Any) -> Any:
             n = next(
                 a.shape[0] if not isinstance(a, dict) else next(iter(a.values())).shape[0]
