@@ -1,7 +1,8 @@
 """NTK-vector products (arXiv 2206.08720, section 3.2).
 
 Column (j, o) of the kernel is Θ·e_(j,o) = J1·(J2ᵀ·e_(j,o)): one vjp on example j of x2 and
-one jvp on the batch x1, vectorised over j and o. No Jacobian is contracted, so the cost is
+one jvp on the batch x1, vectorised over o and over j in chunks of x2 (so that the N2·O
+parameter-sized tangents never sit in memory at once). No Jacobian is contracted, so the cost is
 N1·N2·O·[FP] with no N²·O²·P term. Trace and diagonal output axes are reduced from the block
 afterwards; ``diagonal_axes=(0,)`` pairs x1[i] only with x2[i] (N·O·[FP]).
 """
