@@ -70,7 +70,11 @@ def _device(backend: str) -> str:
 
 
 def time_calls(call: Callable[[], np.ndarray], repeats: int) -> tuple[np.ndarray, float, list[float]]:
-    """(first result, first-call seconds, seconds of each further call); ``call`` returns host data."""
+    """(first result, first-call seconds, seconds of each further call); ``call`` returns host data.
+
+    Like ``ntkcore.demo.time_calls``, but importable in the neural-tangents environment,
+    which cannot import ntkcore, and keeping every time.
+    """
     start = time.perf_counter()
     result = call()
     first = time.perf_counter() - start
