@@ -86,11 +86,17 @@ def time_calls(call: Callable[[], np.ndarray], repeats: int) -> tuple[np.ndarray
     return result, first, times
 
 
+def _torch_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _to_framework(backend: str, x: np.ndarray) -> Any:
     if backend == "torch":
         import torch
 
-        return torch.as_tensor(x, device="cuda" if torch.cuda.is_available() else "cpu")
+        return torch.as_tensor(x, device=_torch_device())
     if backend == "jax":
         import jax.numpy as jnp
 
@@ -110,13 +116,11 @@ def _kernel_call(spec: dict, workload: Workload, arrays: dict, x: np.ndarray) ->
         fn = kernel_fn(workload, arrays, implementation)
         return lambda: fn(x)
     if runner == "torch.func":
-        import torch
-
         from benchmarks.torchfunc_baseline import kernel_fn
 
         model, _ = build("torch", workload, arrays)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        fn, xt = kernel_fn(model.to(device), implementation, workload.traced), torch.as_tensor(x, device=device)
+        fn = kernel_fn(model.to(_torch_device()), implementation, workload.traced)
+        xt = _to_framework("torch", x)
         return lambda: fn(xt).cpu().numpy()
     import ntkcore
 
@@ -130,9 +134,7 @@ def _kernel_call(spec: dict, workload: Workload, arrays: dict, x: np.ndarray) ->
         x = x.astype(np.float64) if x.dtype.kind == "f" else x
     model, kwargs = build(backend, workload, arrays, dtype)
     if backend == "torch":
-        import torch
-
-        model = model.to("cuda" if torch.cuda.is_available() else "cpu")
+        model = model.to(_torch_device())
     fn = ntkcore.ntk_fn(model, implementation=implementation, **workload.axes, **kwargs)
     adapter, xf = ntkcore.get_backend(backend), _to_framework(backend, x)
     return lambda: np.asarray(adapter.to_numpy(fn(xf)), np.float64 if runner == "reference" else None)
@@ -184,14 +186,16 @@ def run(spec: dict) -> None:
             "peak_mb": gpu if gpu is not None else _rss_mb() - baseline,
             "memory": "gpu allocator peak" if gpu is not None else "rss above baseline",
         }
-        np.save(Path(spec["save"]) / f"{_label(spec)}-{name}.npy", kernel)
+        np.save(Path(spec["save"]) / kernel_file(spec, name), kernel)
         print(json.dumps(result), flush=True)
         if result["median_s"] > spec.get("budget_s", float("inf")):
             return  # the next (larger) point of a sweep would take too long
 
 
-def _label(spec: dict) -> str:
-    return "-".join(str(spec.get(k)) for k in ("runner", "backend", "implementation")).replace(".", "")
+def kernel_file(spec: dict, workload: str) -> str:
+    """The .npy name a runner's kernel of ``workload`` is saved under (read back by the harness)."""
+    label = "-".join(str(spec.get(k)) for k in ("runner", "backend", "implementation")).replace(".", "")
+    return f"{label}-{workload}.npy"
 
 
 if __name__ == "__main__":

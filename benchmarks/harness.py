@@ -28,7 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import report
+from benchmarks.child import kernel_file
 from benchmarks.flops import flops, jacobian_bytes
+from benchmarks.report import describe
 from benchmarks.workloads import ALL, N_SWEEP, SMOKE, SMOKE_N, SMOKE_WIDTH, WIDTH_SWEEP, WORKLOADS, save
 
 IMPLEMENTATIONS = ("jacobian_contraction", "ntk_vector_products", "structured")
@@ -71,20 +73,21 @@ class Harness:
             )
         except subprocess.TimeoutExpired:
             self.failed.append({**_key(spec), "error": f"timed out after {self.args.timeout} s"})
-            print(f"  {_describe(spec)}: timed out", flush=True)
+            print(f"  {describe(spec)}: timed out", flush=True)
             return []
         lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
         if done.returncode != 0:
             error = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
             self.failed.append({**_key(spec), "workloads": spec.get("workloads"), "error": error})
-            print(f"  {_describe(spec)}: FAILED: {error}", flush=True)
+            print(f"  {describe(spec)}: FAILED: {error}", flush=True)
         return lines
 
     def check(self, result: dict, sweep: str | None = None) -> None:
         """Accept ``result`` only if its kernel agrees with the float64 reference."""
         name = result["workload"]
-        kernel = np.load(self.kernels / f"{_label(result)}-{name}.npy")
-        expected = np.load(self.kernels / f"reference-{self.reference_backend}-structured-{name}.npy")
+        kernel = np.load(self.kernels / kernel_file(result, name))
+        reference = {"runner": "reference", "backend": self.reference_backend, "implementation": "structured"}
+        expected = np.load(self.kernels / kernel_file(reference, name))
         if kernel.shape != expected.shape:
             diff = float("inf")
         else:
@@ -102,7 +105,7 @@ class Harness:
             self.rejected.append(result)
             status = f"  REJECTED: differs from the float64 reference by {diff:.1e}"
         print(
-            f"  {_describe(result):48s} {name:18s} median {result['median_s'] * 1e3:10.1f} ms  "
+            f"  {describe(result):48s} {name:18s} median {result['median_s'] * 1e3:10.1f} ms  "
             f"first {result['first_s']:7.2f} s  peak {result['peak_mb']:8.0f} MB{status}",
             flush=True,
         )
@@ -218,16 +221,6 @@ class Harness:
 
 def _key(spec: dict) -> dict:
     return {k: spec.get(k) for k in ("runner", "backend", "implementation")}
-
-
-def _label(spec: dict) -> str:
-    return "-".join(str(spec.get(k)) for k in ("runner", "backend", "implementation")).replace(".", "")
-
-
-def _describe(spec: dict) -> str:
-    if spec["runner"] == "ntkcore":
-        return f"ntkcore-{spec['backend']} {spec['implementation']}"
-    return f"{spec['runner']} {spec.get('implementation') or ''}".strip()
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -28,7 +28,7 @@ COST_TABLE = {
     ("n", "ntk_vector_products"): (2, "N²·O·[FP]"),
     ("n", "structured"): (2, "N² structured products (plus N·O·[FP])"),
 }
-SWEEPS = {"width": "width", "n": "n"}  # sweep → the result field it varies
+SWEEPS = ("width", "n")  # each sweep varies the result field of its name
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -164,14 +164,13 @@ def _workloads(results: list[dict]) -> list[str]:
 
 def _points(outcome: dict, sweep: str, backend: str, implementation: str) -> tuple[np.ndarray, np.ndarray, list]:
     """Sizes, median times and workload names of a sweep's points, by size."""
-    key = SWEEPS[sweep]
     rows = [
         r
         for r in outcome["results"]
         if r["sweep"] == sweep and r["backend"] == backend and r["implementation"] == implementation
     ]
-    rows.sort(key=lambda r: r[key])
-    sizes, times = np.array([r[key] for r in rows], float), np.array([r["median_s"] for r in rows])
+    rows.sort(key=lambda r: r[sweep])
+    sizes, times = np.array([r[sweep] for r in rows], float), np.array([r["median_s"] for r in rows])
     return sizes, times, [r["workload"] for r in rows]
 
 
@@ -182,7 +181,7 @@ def _slope(x: np.ndarray, y: np.ndarray) -> float | None:
 def slope_rows(outcome: dict) -> list[list[str]]:
     rows = [["sweep", "backend", "method", "points", "measured slope", "analytic-FLOP slope", "cost table"]]
     backends = sorted({r["backend"] for r in outcome["results"] if r["sweep"]})
-    for sweep, key in SWEEPS.items():
+    for sweep in SWEEPS:
         for backend in backends:
             for implementation in ("jacobian_contraction", "ntk_vector_products", "structured"):
                 x, t, names = _points(outcome, sweep, backend, implementation)
@@ -193,7 +192,7 @@ def slope_rows(outcome: dict) -> list[list[str]]:
                 exponent, why = COST_TABLE[(sweep, implementation)]
                 rows.append(
                     [
-                        f"{key} {int(x[0])}–{int(x[-1])}",
+                        f"{sweep} {int(x[0])}–{int(x[-1])}",
                         NAMES[backend],
                         SHORT[implementation],
                         str(len(x)),
@@ -216,7 +215,7 @@ def plots(outcome: dict, out: Path) -> list[Path]:
         return []
     written = []
     backends = sorted({r["backend"] for r in outcome["results"] if r["sweep"]})
-    for sweep, key in SWEEPS.items():
+    for sweep in SWEEPS:
         if not any(r["sweep"] == sweep for r in outcome["results"]):
             continue
         fig, axes = plt.subplots(1, len(backends), figsize=(4.2 * len(backends), 3.6), squeeze=False, sharey=True)
@@ -228,15 +227,15 @@ def plots(outcome: dict, out: Path) -> list[Path]:
                     label = SHORT[implementation] + ("" if slope is None else f" (slope {slope:.2f})")
                     ax.loglog(x, t, "o-", label=label, base=2)
             ax.set_title(f"ntkcore-{NAMES[backend]}")
-            ax.set_xlabel("hidden width" if key == "width" else "N (examples)")
+            ax.set_xlabel("hidden width" if sweep == "width" else "N (examples)")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
         axes[0][0].set_ylabel("median seconds per kernel")
         first = ALL[next(r["workload"] for r in outcome["results"] if r["sweep"] == sweep)]
         d, o = first.widths[0], first.widths[-1]
-        what = f"MLP {d}→w→w→{o}, N = {first.n}" if key == "width" else "MLP " + "→".join(map(str, first.widths))
+        what = f"MLP {d}→w→w→{o}, N = {first.n}" if sweep == "width" else "MLP " + "→".join(map(str, first.widths))
         what += ", traced NTK" if first.traced else ""
-        fig.suptitle(f"Time versus {key} ({what})", fontsize=10)
+        fig.suptitle(f"Time versus {sweep} ({what})", fontsize=10)
         fig.tight_layout()
         path = out / f"scaling_{sweep}.png"
         fig.savefig(path, dpi=110)
@@ -286,7 +285,7 @@ def markdown(outcome: dict, plot_paths: list[Path], relative_to: Path) -> str:
             parts.append(f"### {title}")
             parts.append(
                 "\n".join(
-                    f"- {_describe(i)}: " + "; ".join(f"{k} {i.get(k)}" for k in fields if i.get(k) is not None)
+                    f"- {describe(i)}: " + "; ".join(f"{k} {i.get(k)}" for k in fields if i.get(k) is not None)
                     for i in items
                 )
             )
@@ -304,7 +303,8 @@ def markdown(outcome: dict, plot_paths: list[Path], relative_to: Path) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def _describe(item: dict) -> str:
+def describe(item: dict) -> str:
+    """``ntkcore-jax SD``, ``neural-tangents JC``: a runner and its method, for logs and lists."""
     who = f"ntkcore-{item['backend']}" if item["runner"] == "ntkcore" else item["runner"]
     return f"{who} {SHORT.get(item.get('implementation'), item.get('implementation'))}"
 
