@@ -35,6 +35,8 @@ from benchmarks.workloads import ALL, N_SWEEP, SMOKE, SMOKE_N, SMOKE_WIDTH, WIDT
 
 IMPLEMENTATIONS = ("jacobian_contraction", "ntk_vector_products", "structured")
 BACKENDS = ("jax", "torch", "tensorflow")
+# environment variables that change the frameworks' kernels; the report names those set
+PERFORMANCE_SETTINGS = ("TF_ENABLE_ONEDNN_OPTS", "XLA_FLAGS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 # A float32 kernel agrees with the float64 reference when max|K − K_ref| ≤ TOLERANCE · max|K_ref|.
 # float32 rounding (ε ≈ 6e-8) accumulated over sums of up to P ≈ 4e6 terms gives √P·ε ≈ 1.2e-4
 # at worst for random-walk errors; 1e-3 leaves margin for that while a real error (a missing
@@ -209,6 +211,7 @@ class Harness:
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
             "devices": sorted({r["device"] for r in [*self.results, *matmul]}),
             "versions": versions,
+            "settings": {k: os.environ[k] for k in PERFORMANCE_SETTINGS if k in os.environ},
             "anchor_versions": anchor,
             "matmul": matmul,
             "peak_flops": self.peak_flops,

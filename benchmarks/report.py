@@ -248,13 +248,15 @@ def markdown(outcome: dict, plot_paths: list[Path], relative_to: Path) -> str:
     meta = outcome["meta"]
     versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
     anchor = ", ".join(f"{k} {v}" for k, v in meta["anchor_versions"].items()) or "not run"
+    settings = ", ".join(f"{k}={v}" for k, v in meta.get("settings", {}).items())
     matmul = ", ".join(f"{m['backend']} {m['flops_per_s'] / 1e9:.0f}" for m in meta["matmul"])
     targets, met, total = target_rows(outcome)
     parts = [
         BEGIN,
         "## ntkcore against the anchors (generated)",
         f"Produced by `{meta['command']}` on {meta['date']}: {meta['machine']}; devices: "
-        f"{', '.join(meta['devices'])}. Frameworks: {versions}. neural-tangents environment: {anchor}.",
+        f"{', '.join(meta['devices'])}. Frameworks: {versions}. neural-tangents environment: {anchor}. "
+        f"Framework settings: {settings or 'the defaults'}.",
         f"Float32 matmul throughput measured in the same run (GFLOP/s, 2048², best of {meta['repeats']}): "
         f"{matmul}; the highest, {meta['peak_flops'] / 1e9:.0f} GFLOP/s, is the peak that "
         "“% of matmul peak” refers to.",
