@@ -82,9 +82,12 @@ def bench_anchor(session: nox.Session) -> None:
 
 @nox.session(requires=["bench-anchor"], default=False)
 def bench(session: nox.Session) -> None:
-    """The benchmark harness against neural-tangents and torch.func; rewrites benchmarks/RESULTS.md."""
+    """The benchmark harness against neural-tangents and torch.func, then the calibration of
+    "auto" to its results; rewrites benchmarks/RESULTS.md."""
     _install(session, "all", "bench")
     anchor = Path(session.virtualenv.location).parent / "bench-anchor" / "bin" / "python"
     command = shlex.join(["nox", "-s", "bench", *(["--", *session.posargs] if session.posargs else [])])
     env = {**ENV, "NTKCORE_BENCH_COMMAND": command}
     session.run("python", "-m", "benchmarks", "--anchor-python", str(anchor), *session.posargs, env=env)
+    if not session.posargs:  # a full run: refit auto's cost model to it (ntkcore/calibration.json)
+        session.run("python", "-m", "benchmarks.calibrate", "--write", env=ENV)

@@ -311,12 +311,13 @@ def describe(item: dict) -> str:
     return f"{who} {SHORT.get(item.get('implementation'), item.get('implementation'))}"
 
 
-def write(path: Path, generated: str) -> None:
-    """Replace the generated part of ``path`` (or append one), keeping the hand-written text."""
+def write(path: Path, generated: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the generated part of ``path`` between ``begin`` and ``end`` (or append one),
+    keeping the hand-written text."""
     text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + generated.rstrip("\n") + rest.split(END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + generated.rstrip("\n") + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + generated
     path.parent.mkdir(parents=True, exist_ok=True)

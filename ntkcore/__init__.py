@@ -4,8 +4,9 @@ The core imports no framework: the adapter for a call is chosen from the model a
 (``backend=`` names it explicitly) and imported only then.
 """
 
-from .api import KernelFn, StructuredFallbackWarning, flatten, nngp, ntk, ntk_fn, ntk_from_jacobians
+from .api import KernelFn, StructuredFallbackWarning, explain, flatten, nngp, ntk, ntk_fn, ntk_from_jacobians
 from .axes import KernelAxes
+from .explain import Explanation, MemoryBudgetError
 from .implementation import Implementation
 from .protocol import AutodiffBackend, PreparedModel
 from .registry import get_backend, installed_backends, known_backends
@@ -14,11 +15,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AutodiffBackend",
+    "Explanation",
     "Implementation",
     "KernelAxes",
     "KernelFn",
+    "MemoryBudgetError",
     "PreparedModel",
     "StructuredFallbackWarning",
+    "explain",
     "flatten",
     "get_backend",
     "installed_backends",

@@ -8,10 +8,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from . import cost_model, memory
 from ._xp import namespace_of
 from .algorithms import jacobian_contraction, ntk_vector_products, structured
+from .algorithms._common import device_of, itemsize
 from .axes import KernelAxes
-from .implementation import Implementation, choose
+from .cost_model import Estimate, ModelShape
+from .explain import Explanation, MemoryBudgetError, describe_layers
+from .implementation import Implementation
 from .protocol import AutodiffBackend, Capture, PreparedModel
 from .registry import detect_backend, get_backend
 
@@ -23,7 +27,8 @@ class StructuredFallbackWarning(UserWarning):
 
 
 _COMPILED: OrderedDict = OrderedDict()
-_CAPTURES: OrderedDict = OrderedDict()
+_CAPTURES: OrderedDict = OrderedDict()  # -> [capture, whether its fallbacks were warned about]
+_CHOICES: OrderedDict = OrderedDict()  # auto's choice per model, shapes and options
 _COMPILED_SIZE = 64
 
 
@@ -91,9 +96,11 @@ class KernelFn:
         backend: str | None,
         batch_independent: bool | None,
         kind: str,
+        memory_budget: Any = None,
     ) -> None:
         self._model, self._params = model, params
         self._implementation = Implementation.parse(implementation)
+        self._memory_budget = memory.parse_budget(memory_budget)
         if batch_independent not in (None, True, False):
             raise TypeError(f"batch_independent must be None, True or False, got {batch_independent!r}")
         self._axes_args = (trace_axes, diagonal_axes)
@@ -132,6 +139,58 @@ class KernelFn:
     # -- the call -------------------------------------------------------------------------
     def __call__(self, x1: Any, x2: Any = None) -> Any:
         """The kernel between ``x1`` and ``x2`` (``x2=None`` reuses x1's work)."""
+        x1, x2, out_shape, axes = self._resolve(x1, x2)
+        backend, prepared = self._backend, self._prepared
+        coupled = self._batch_independent is False
+        impl = self._implementation
+        if self._kind == "nngp":
+            impl = Implementation.JACOBIAN_CONTRACTION
+        elif impl is Implementation.AUTO:
+            impl = Implementation(self._auto_choice(x1, x2, out_shape, axes))
+        if impl is Implementation.STRUCTURED and coupled:
+            warnings.warn(
+                "structured derivatives assume independent examples; with batch_independent=False the "
+                "kernel is computed by Jacobian contraction",
+                StructuredFallbackWarning,
+                stacklevel=3,
+            )
+            impl = Implementation.JACOBIAN_CONTRACTION
+        capture = self._capture(x1, warn=True) if impl is Implementation.STRUCTURED else None
+        key = (x2 is None, out_shape, axes, coupled, impl)
+        compiled = _compiled_kernel(backend, prepared.apply, self._kind, key, capture)
+        return compiled(prepared.params, x1) if x2 is None else compiled(prepared.params, x1, x2)
+
+    def explain(self, x1: Any, x2: Any = None) -> Explanation:
+        """What a call on these inputs would do, predicted with nothing computed or compiled:
+        FLOPs, peak bytes and time of every implementation, the choice, each layer's rule."""
+        x1, x2, out_shape, axes = self._resolve(x1, x2)
+        estimates, shape, device, unavailable = self._estimates(x1, x2, out_shape, axes)
+        budget, budget_source = self._budget()
+        if self._implementation is not Implementation.AUTO:
+            choice = self._implementation.value
+        else:
+            fitting = [e for e in estimates.values() if budget is None or e.peak_bytes <= budget]
+            choice = min(fitting, key=lambda e: e.seconds).implementation if fitting else None
+        n2 = None if x2 is None else x2.shape[0]
+        return Explanation(
+            backend=self._backend.name,
+            device=device,
+            dtype=self._backend.dtype_name(x1),
+            n1=x1.shape[0],
+            n2=n2,
+            out_shape=out_shape,
+            kernel_shape=axes.kernel_shape((x1.shape[0], *out_shape), (x1.shape[0] if n2 is None else n2, *out_shape)),
+            choice=choice,
+            estimates=estimates,
+            budget_bytes=budget,
+            budget_source=budget_source,
+            layers=describe_layers(shape, x1.shape[0], n2, out_shape, axes),
+            structured_unavailable=unavailable,
+        )
+
+    def _resolve(self, x1: Any, x2: Any) -> tuple[Any, Any, tuple[int, ...], KernelAxes]:
+        """Prepare the model on first use and check the inputs; returns them converted, with
+        f's per-example output shape and the validated axes."""
         if self._prepared is None:
             self._prepare(tuple(a for a in (x1, x2) if a is not None))
         backend, prepared = self._backend, self._prepared
@@ -144,30 +203,79 @@ class KernelFn:
                     f"x2 has per-example shape {tuple(x2.shape[1:])} but x1 has {tuple(x1.shape[1:])}; "
                     "both batches must have the same shape apart from the batch axis 0"
                 )
-        coupled = self._batch_independent is False
-        out_shape = self._output_shape(x1, coupled)
+        out_shape = self._output_shape(x1, self._batch_independent is False)
         axes = KernelAxes.create(*self._axes_args, (x1.shape[0], *out_shape))
         if x2 is not None and 0 in axes.diagonal and x2.shape[0] != x1.shape[0]:
             raise ValueError(
                 f"diagonal_axes contains the batch axis 0, which pairs x1[i] with x2[i], but x1 has "
                 f"{x1.shape[0]} examples and x2 has {x2.shape[0]}"
             )
-        impl = self._choose(x1, x2, out_shape, axes, prepared)
-        if impl is Implementation.STRUCTURED and coupled:
-            warnings.warn(
-                "structured derivatives assume independent examples; with batch_independent=False the "
-                "kernel is computed by Jacobian contraction",
-                StructuredFallbackWarning,
-                stacklevel=3,
-            )
-            impl = Implementation.JACOBIAN_CONTRACTION
-        capture = self._capture(x1) if impl is Implementation.STRUCTURED else None
-        key = (x2 is None, out_shape, axes, coupled, impl)
-        compiled = _compiled_kernel(backend, prepared.apply, self._kind, key, capture)
-        return compiled(prepared.params, x1) if x2 is None else compiled(prepared.params, x1, x2)
+        return x1, x2, out_shape, axes
 
-    def _capture(self, x1: Any) -> Capture:
-        """The adapter's layer capture for this model and input shape; warns once about fallbacks.
+    def _estimates(
+        self, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes
+    ) -> tuple[dict[str, Estimate], ModelShape, str, str | None]:
+        """Every candidate implementation's predicted cost, the model's sizes, the device class,
+        and why structured derivatives are not a candidate (``None`` when they are)."""
+        backend, prepared = self._backend, self._prepared
+        like = next(iter(prepared.params.values()))
+        capture = plan = None
+        unavailable = "examples interact (batch_independent=False)" if self._batch_independent is False else None
+        if unavailable is None:
+            try:
+                capture = self._capture(x1, warn=False)
+                plan = structured.plan(capture, prepared.params)
+            except Exception as error:  # auto must not fail because one method cannot run
+                capture, unavailable = None, f"the adapter cannot capture this model's layers: {error}"
+        shape = cost_model.model_shape(capture, prepared.params, plan)
+        device = cost_model.device_class(device_of(like))
+        constants = cost_model.constants(backend.name, device)
+        size = itemsize(backend.dtype_name(like))
+        n2 = None if x2 is None else x2.shape[0]
+        methods = [m for m in cost_model.METHODS if m != "structured" or capture is not None]
+        estimates = {
+            m: cost_model.estimate(shape, m, x1.shape[0], n2, out_shape, axes, size, constants) for m in methods
+        }
+        return estimates, shape, device, unavailable
+
+    def _budget(self) -> tuple[float | None, str]:
+        """The memory budget in bytes (``None``: unknown, no limit) and where it comes from."""
+        if self._memory_budget is not None:
+            return self._memory_budget, "memory_budget="
+        like = next(iter(self._prepared.params.values()))
+        budget = memory.default_budget(self._backend, like)
+        if budget is None:
+            return None, "free memory unknown on this device: no limit"
+        return budget, f"{memory.BUDGET_FRACTION:.0%} of the free memory"
+
+    def _auto_choice(self, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes) -> str:
+        """The cheapest predicted implementation that fits the budget, cached per shapes."""
+        backend, prepared = self._backend, self._prepared
+        key = (
+            backend.name,
+            prepared.apply,
+            tuple(x1.shape),
+            None if x2 is None else tuple(x2.shape),
+            backend.dtype_name(x1),
+            out_shape,
+            axes,
+            self._batch_independent,
+            self._memory_budget,
+        )
+        if key in _CHOICES:
+            _CHOICES.move_to_end(key)
+            return _CHOICES[key]
+        explanation = self.explain(x1, x2)
+        if explanation.choice is None:
+            raise MemoryBudgetError(explanation.budget_message())
+        _CHOICES[key] = explanation.choice
+        while len(_CHOICES) > _COMPILED_SIZE:
+            _CHOICES.popitem(last=False)
+        return explanation.choice
+
+    def _capture(self, x1: Any, *, warn: bool) -> Capture:
+        """The adapter's layer capture for this model and input shape; with ``warn``, warns once
+        about the parameters that take the exact fallback.
 
         Shared across calls through the identity of ``apply`` (like compiled kernels), so that
         repeated ``ntk()`` calls reuse both the capture and the kernel compiled with it.
@@ -177,13 +285,18 @@ class KernelFn:
             _CAPTURES.move_to_end(key)
         else:
             try:
-                capture = self._backend.capture(self._prepared, x1[:1])
+                _CAPTURES[key] = [self._backend.capture(self._prepared, x1[:1]), False]
             except NotImplementedError as error:
                 raise NotImplementedError(
                     f'implementation="structured" is not available for the {self._backend.name} backend yet '
                     f'({error}); use "jacobian_contraction", "ntk_vector_products" or "auto"'
                 ) from None
-            _, _, fallback, reasons = structured.plan(capture, self._prepared.params)
+            while len(_CAPTURES) > _COMPILED_SIZE:
+                _CAPTURES.popitem(last=False)
+        entry = _CAPTURES[key]
+        if warn and not entry[1]:
+            entry[1] = True  # warned
+            _, _, fallback, reasons = structured.plan(entry[0], self._prepared.params)
             if fallback:
                 warnings.warn(
                     f"structured derivatives: {'; '.join(reasons) or 'uncaptured parameters'}. Parameters "
@@ -191,10 +304,7 @@ class KernelFn:
                     StructuredFallbackWarning,
                     stacklevel=4,
                 )
-            _CAPTURES[key] = capture
-            while len(_CAPTURES) > _COMPILED_SIZE:
-                _CAPTURES.popitem(last=False)
-        return _CAPTURES[key]
+        return entry[0]
 
     def _output_shape(self, x1: Any, coupled: bool) -> tuple[int, ...]:
         """f's per-example output shape, from one forward pass per input shape and dtype."""
@@ -211,13 +321,6 @@ class KernelFn:
                 )
             self._out_shapes[key] = tuple(int(d) for d in probe.shape[1:])
         return self._out_shapes[key]
-
-    def _choose(self, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes, prepared: PreparedModel) -> Any:
-        if self._kind == "nngp" or self._implementation is not Implementation.AUTO:
-            return self._implementation
-        n_params = sum(math.prod(p.shape) for p in prepared.params.values())
-        n2 = x1.shape[0] if x2 is None else x2.shape[0]
-        return choose(x1.shape[0], n2, out_shape, axes, n_params)
 
     @staticmethod
     def _check_input(name: str, x: Any, backend: AutodiffBackend, prepared: PreparedModel, like: Any) -> Any:
@@ -246,11 +349,12 @@ def ntk_fn(
     diagonal_axes: Axes = (),
     backend: str | None = None,
     batch_independent: bool | None = None,
+    memory_budget: float | str | None = None,
 ) -> KernelFn:
     """A reusable ``kernel(x1, x2=None)`` computing the empirical NTK of ``model``.
 
     Compiles and caches what its framework can (``jax.jit``, ``tf.function``). Options are
-    those of :func:`ntk`.
+    those of :func:`ntk`; ``kernel.explain(x1, x2)`` predicts what a call would do.
     """
     return KernelFn(
         model,
@@ -261,6 +365,7 @@ def ntk_fn(
         backend=backend,
         batch_independent=batch_independent,
         kind="ntk",
+        memory_budget=memory_budget,
     )
 
 
@@ -275,6 +380,7 @@ def ntk(
     diagonal_axes: Axes = (),
     backend: str | None = None,
     batch_independent: bool | None = None,
+    memory_budget: float | str | None = None,
 ) -> Any:
     """The empirical NTK Θ(x1, x2) = J(x1)·J(x2)ᵀ, J = ∂f/∂θ over trainable parameters θ.
 
@@ -284,12 +390,16 @@ def ntk(
         x1, x2: batches of shape (N1, ...) and (N2, ...); ``x2=None`` means x1 (work reused).
         params: the parameters of a JAX function (any pytree); for torch/Keras, optional
             replacement values for the trainable parameters (a ``name -> array`` map).
-        implementation: ``"jacobian_contraction"``, ``"ntk_vector_products"``, ``"auto"``.
+        implementation: ``"auto"`` (default: the cheapest the cost model predicts that fits
+            the memory budget, see :func:`explain`), ``"jacobian_contraction"``,
+            ``"ntk_vector_products"`` or ``"structured"``.
         trace_axes: output axes summed over their pair (a true trace), dropped from the shape.
         diagonal_axes: output axes of which only the diagonal is kept, appearing once.
         backend: ``"jax"``, ``"torch"``, ``"tensorflow"`` or a plugin; inferred if ``None``.
         batch_independent: ``None`` (default) checks that examples do not interact;
             ``False`` computes the exact kernel of a batch whose examples interact.
+        memory_budget: bytes (or a string like ``"4GB"``) ``"auto"`` may use; default half of
+            the free memory of the device (host RAM on a CPU).
 
     Returns:
         An array of the model's framework, dtype and device, of shape (N1, N2, *out, *out)
@@ -303,8 +413,42 @@ def ntk(
         diagonal_axes=diagonal_axes,
         backend=backend,
         batch_independent=batch_independent,
+        memory_budget=memory_budget,
     )
     return fn(x1, x2)
+
+
+def explain(
+    model: Any,
+    x1: Any,
+    x2: Any = None,
+    *,
+    params: Any = None,
+    implementation: Implementation | str = "auto",
+    trace_axes: Axes = (),
+    diagonal_axes: Axes = (),
+    backend: str | None = None,
+    batch_independent: bool | None = None,
+    memory_budget: float | str | None = None,
+) -> Explanation:
+    """What :func:`ntk` would do with the same arguments, without computing or compiling it.
+
+    Returns an :class:`~ntkcore.explain.Explanation`: ``.choice`` (the implementation a call
+    would use; ``None`` when none fits the memory budget), ``.estimates`` (per implementation:
+    predicted FLOPs, peak bytes and seconds), ``.layers`` (each layer's structure rule or
+    fallback); ``str()`` of it is a readable table.
+    """
+    fn = ntk_fn(
+        model,
+        params=params,
+        implementation=implementation,
+        trace_axes=trace_axes,
+        diagonal_axes=diagonal_axes,
+        backend=backend,
+        batch_independent=batch_independent,
+        memory_budget=memory_budget,
+    )
+    return fn.explain(x1, x2)
 
 
 def nngp(

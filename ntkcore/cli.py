@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import sys
+from typing import Any
 
 from . import __version__
 
@@ -31,6 +34,58 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(reference: str, what: str) -> Any:
+    """The object named ``module:attribute`` (dots allowed in the attribute)."""
+    module_name, sep, attribute = reference.partition(":")
+    if not sep or not module_name or not attribute:
+        raise SystemExit(f"ntkcore explain: {what} must be given as module:attribute, got {reference!r}")
+    if os.getcwd() not in sys.path:  # like python -m: modules in the working directory
+        sys.path.insert(0, os.getcwd())
+    obj = importlib.import_module(module_name)
+    for part in attribute.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _input(path: str | None, shape: str | None) -> Any:
+    import numpy as np
+
+    if path is not None:
+        return np.load(path)
+    if shape is None:
+        return None
+    dims = tuple(int(d) for d in shape.split(","))
+    return np.random.default_rng(0).standard_normal(dims).astype(np.float32)
+
+
+def _axes(text: str | None) -> tuple[int, ...]:
+    return () if not text else tuple(int(a) for a in text.split(","))
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from .api import explain
+
+    model = _load(args.model, "the model")
+    params = _load(args.params, "--params") if args.params else None
+    x1 = _input(args.x1, args.shape)
+    if x1 is None:
+        raise SystemExit("ntkcore explain: give the inputs as --x1 FILE.npy or their shape as --shape N,D,...")
+    x2 = _input(args.x2, None)
+    result = explain(
+        model,
+        x1,
+        x2,
+        params=params,
+        implementation=args.implementation,
+        trace_axes=_axes(args.trace_axes),
+        diagonal_axes=_axes(args.diagonal_axes),
+        backend=args.backend,
+        memory_budget=args.memory_budget,
+    )
+    print(result)
+    return 0 if result.choice is not None else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ntkcore`` command."""
     parser = argparse.ArgumentParser(prog="ntkcore", description="Empirical Neural Tangent Kernels, fast.")
@@ -44,6 +99,20 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--n", type=int, default=16, help="number of inputs (default: %(default)s)")
     demo.add_argument("--repeats", type=int, default=3, help="timed calls after the first (default: %(default)s)")
     demo.set_defaults(handler=_demo)
+    explain = commands.add_parser(
+        "explain", help="predicted FLOPs, memory and time of each implementation, and auto's choice"
+    )
+    explain.add_argument("model", help="the model as module:attribute (a torch module, Keras model or JAX function)")
+    explain.add_argument("--params", help="module:attribute of a JAX function's parameters")
+    explain.add_argument("--x1", help=".npy file with the first batch")
+    explain.add_argument("--shape", help="shape of a random float32 first batch instead, e.g. 32,784")
+    explain.add_argument("--x2", help=".npy file with the second batch (default: x2 = x1)")
+    explain.add_argument("--implementation", default="auto", help="default: %(default)s")
+    explain.add_argument("--trace-axes", help="comma-separated output axes to trace, e.g. -1")
+    explain.add_argument("--diagonal-axes", help="comma-separated output axes to keep the diagonal of, e.g. 0")
+    explain.add_argument("--backend", help="jax, torch or tensorflow (default: inferred)")
+    explain.add_argument("--memory-budget", help="bytes, or e.g. 4GB (default: half of the free memory)")
+    explain.set_defaults(handler=_explain)
     args = parser.parse_args(argv)
     return args.handler(args)
 

@@ -90,7 +90,10 @@ class AutodiffBackend(Protocol):
     """What the core needs from a framework.
 
     Functions handed to ``jvp``/``vjp`` take a parameter map and return one array; the
-    tangents and cotangents are parameter maps with the same keys.
+    tangents and cotangents are parameter maps with the same keys. Optional:
+    ``memory_available(like) -> int | None``, the free bytes of the accelerator holding
+    ``like`` (``None`` on a CPU, where the core reads host RAM): the default memory budget of
+    ``implementation="auto"``.
     """
 
     name: str

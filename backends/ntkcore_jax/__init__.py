@@ -208,6 +208,16 @@ class JaxBackend:
     def jit(self, fn: Callable) -> Callable:
         return jax.jit(fn)
 
+    def memory_available(self, like: Any) -> int | None:
+        devices = getattr(like, "devices", lambda: set())()
+        device = next(iter(devices), None)
+        if device is None or device.platform == "cpu":
+            return None
+        stats = device.memory_stats() or {}
+        if "bytes_limit" not in stats:
+            return None
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+
     def capture(self, prepared: PreparedModel, x: Any) -> Capture:
         from .capture import capture
 

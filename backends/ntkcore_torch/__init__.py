@@ -132,6 +132,11 @@ class TorchBackend:
         # at these sizes; eager torch.func is the default.
         return fn
 
+    def memory_available(self, like: torch.Tensor) -> int | None:
+        if like.device.type == "cuda":
+            return int(torch.cuda.mem_get_info(like.device)[0])
+        return None
+
     def capture(self, prepared: PreparedModel, x: torch.Tensor) -> Capture:
         from .capture import capture
 

@@ -22,3 +22,11 @@ def output_basis(xp: Any, out: Any) -> Any:
     device = device_of(out)
     kwargs = {} if device is None else {"device": device}
     return xp.reshape(xp.eye(size, dtype=out.dtype, **kwargs), (size, *out.shape))
+
+
+_ITEMSIZE = {"float64": 8, "complex64": 8, "complex128": 16, "float16": 2, "bfloat16": 2, "float32": 4}
+
+
+def itemsize(dtype_name: str) -> int:
+    """Bytes per element of a floating dtype named as adapters name it (float32 if unknown)."""
+    return _ITEMSIZE.get(dtype_name, 4)

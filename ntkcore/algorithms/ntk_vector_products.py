@@ -14,22 +14,25 @@ from typing import Any
 
 from ..axes import KernelAxes, reduce_pairs
 from ..protocol import AutodiffBackend, Params
-from ._common import output_basis
+from ._common import itemsize, output_basis
 
 # The N2·O parameter-sized tangents of the vectorised products stream through memory at every
 # layer; vectorising over all of x2 at once is memory-bound well before it fills the cores.
 # Chunks of x2 whose tangents take about this many bytes run one after another instead.
 CHUNK_BYTES = 64 * 2**20
-_ITEMSIZE = {"float64": 8, "complex64": 8, "complex128": 16, "float16": 2, "bfloat16": 2}
+
+
+def chunk_examples(itemsize: int, n_params: int, n: int, outputs: int) -> int | None:
+    """Examples of x2 per vectorised step (None: all ``n`` of them), from sizes alone."""
+    size = max(1, CHUNK_BYTES // max(outputs * itemsize * n_params, 1))
+    return None if size >= n else int(size)
 
 
 def chunk_size(backend: AutodiffBackend, params: Params, n: int, outputs: int) -> int | None:
-    """Examples of x2 per vectorised step (None: all of them)."""
+    """:func:`chunk_examples` for these parameters."""
     like = next(iter(params.values()))
-    itemsize = _ITEMSIZE.get(backend.dtype_name(like), 4)
-    per_example = outputs * itemsize * sum(math.prod(p.shape) for p in params.values())
-    size = max(1, CHUNK_BYTES // max(per_example, 1))
-    return None if size >= n else int(size)
+    n_params = sum(math.prod(p.shape) for p in params.values())
+    return chunk_examples(itemsize(backend.dtype_name(like)), n_params, n, outputs)
 
 
 def kernel(

@@ -89,29 +89,41 @@ def _per_example(xp: Any, jac1: dict, jac2: dict, axes: KernelAxes) -> Any:
 _MEMORY = 16  # multiply-adds per element written to and read back from memory (2-core CPUs)
 
 
-def dense(
-    xp: Any, x1: Any, g1: Any, x2: Any, g2: Any, axes: KernelAxes, roles: set[str], order: str | None = None
-) -> Any:
-    """y_s = x_s·W (+ b). ``x`` (N, S, in), ``g`` (N, *out, S, F); ``roles`` ⊆ {weight, bias}.
+def dense_orders(
+    n1: int, n2: int, s: int, n_in: int, f: int, out_shape: tuple[int, ...], axes: KernelAxes
+) -> dict[str, tuple[float, float, float]]:
+    """The dense rule's two contraction orders: ``order -> (score, FLOPs, intermediate elements)``.
 
-    ``order`` forces ``"pairwise"`` or ``"per_example"``; by default the cheaper is taken.
+    The rule takes the order of lower score, and :mod:`ntkcore.cost_model` predicts with the
+    same figures. The score counts multiply-adds plus ``_MEMORY`` for every element of the
+    intermediate an order materialises (token products, per-example gradients): batched
+    matmuls over a short token axis are memory-bound, so multiply-adds alone pick the slower
+    order. FLOPs are 2 × multiply-adds.
     """
-    n1, n2 = x1.shape[0], x2.shape[0]
-    s, n_in = x1.shape[1], x1.shape[2]
-    f = g1.shape[-1]
-    out_shape = tuple(g1.shape[1:-2])
     examples = n1 if 0 in axes.diagonal else n1 * n2
     pairs = examples * _output_pairs(axes, out_shape)
     entries = examples * math.prod(  # kernel entries per pair of tokens
         n * n if a in axes.kept else n if a in axes.diagonal else 1 for a, n in enumerate(out_shape, start=1)
     )
-    # multiply-adds, plus _MEMORY for every element of the intermediate each order materialises
-    # (token products, per-example gradients): batched matmuls over a short token axis are
-    # memory-bound, so counting multiply-adds alone picks the slower order
-    pairwise_cost = pairs * s * s * f + examples * s * s * n_in + _MEMORY * entries * s * s
+    pairwise = pairs * s * s * f + examples * s * s * n_in
     gradients = (n1 + n2) * math.prod(out_shape) * f * n_in
-    per_example_cost = gradients * (s + _MEMORY) + pairs * f * n_in
-    if order == "pairwise" or (order is None and pairwise_cost <= per_example_cost):
+    per_example = gradients * s + pairs * f * n_in
+    return {
+        "pairwise": (pairwise + _MEMORY * entries * s * s, 2.0 * pairwise, float(entries * s * s)),
+        "per_example": (per_example + _MEMORY * gradients, 2.0 * per_example, float(gradients)),
+    }
+
+
+def dense(
+    xp: Any, x1: Any, g1: Any, x2: Any, g2: Any, axes: KernelAxes, roles: set[str], order: str | None = None
+) -> Any:
+    """y_s = x_s·W (+ b). ``x`` (N, S, in), ``g`` (N, *out, S, F); ``roles`` ⊆ {weight, bias}.
+
+    ``order`` forces ``"pairwise"`` or ``"per_example"``; by default the one
+    :func:`dense_orders` scores lower is taken.
+    """
+    costs = dense_orders(x1.shape[0], x2.shape[0], x1.shape[1], x1.shape[2], g1.shape[-1], tuple(g1.shape[1:-2]), axes)
+    if order == "pairwise" or (order is None and costs["pairwise"][0] <= costs["per_example"][0]):
         weights = 0
         if "weight" in roles:
             weights = _pair_weights(xp, x1, x2, axes, equal=False, dtype=g1.dtype)

@@ -14,7 +14,7 @@ import pytest
 import ntkcore
 from ntkcore import registry
 from ntkcore.axes import KernelAxes
-from ntkcore.implementation import Implementation, choose
+from ntkcore.implementation import Implementation
 from ntkcore.testing import reference_kernel
 
 PLUGIN_DIR = Path(__file__).parent / "plugin"
@@ -181,12 +181,3 @@ def test_implementation_names():
     assert Implementation.parse(Implementation.AUTO) is Implementation.AUTO
     with pytest.raises(ValueError, match="implementation=3 is not known"):
         Implementation.parse(3)
-
-
-def test_auto_rule():
-    small = KernelAxes.create((), (), (8, 3))
-    assert choose(8, 8, (3,), small, 10_000) is Implementation.JACOBIAN_CONTRACTION
-    wide = KernelAxes.create((), (), (8, 100))
-    assert choose(8, 8, (100,), wide, 10_000) is Implementation.NTK_VECTOR_PRODUCTS
-    traced = KernelAxes.create((-1,), (), (8, 100))
-    assert choose(8, 8, (100,), traced, 10_000) is Implementation.JACOBIAN_CONTRACTION
