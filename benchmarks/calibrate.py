@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -188,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         data = json.loads(path.read_text())
         kept = {k: v for k, v in data["constants"].items() if k.startswith("default/gpu")}
         cpu = [c for k, c in constants.items() if k.endswith("/cpu")]
-        if cpu:  # an uncalibrated backend on a CPU: the geometric mean of the fitted ones
-            kept["default/cpu"] = _geometric_mean(cpu)
+        if cpu:  # an uncalibrated backend on a CPU: the mean of the fitted ones
+            kept["default/cpu"] = _mean(cpu)
         data["constants"] = {**kept, **constants}
         data["source"] = f"fitted by python -m benchmarks.calibrate to {args.results} of {run['meta']['date']}"
         path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
@@ -197,15 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _geometric_mean(tables: list[dict]) -> dict:
-    def mean(values: list[float]) -> float:
-        return float(math.exp(sum(math.log(max(v, 1e-300)) for v in values) / len(values)))
-
+def _mean(tables: list[dict]) -> dict:
+    """The entry-wise mean of several backends' constants."""
     first = tables[0]
     return {
-        key: {m: mean([t[key][m] for t in tables]) for m in first[key]}
+        key: {m: sum(t[key][m] for t in tables) / len(tables) for m in first[key]}
         if isinstance(first[key], dict)
-        else mean([t[key] for t in tables])
+        else sum(t[key] for t in tables) / len(tables)
         for key in first
     }
 
