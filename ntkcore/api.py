@@ -14,7 +14,7 @@ from .algorithms import jacobian_contraction, ntk_vector_products, structured
 from .algorithms._common import device_of, itemsize
 from .axes import KernelAxes
 from .cost_model import Estimate, ModelShape
-from .explain import Explanation, MemoryBudgetError, describe_layers
+from .explain import Explanation, MemoryBudgetError, budget_message, choose, describe_layers
 from .implementation import Implementation
 from .protocol import AutodiffBackend, Capture, PreparedModel
 from .registry import detect_backend, get_backend
@@ -166,11 +166,8 @@ class KernelFn:
         x1, x2, out_shape, axes = self._resolve(x1, x2)
         estimates, shape, device, unavailable = self._estimates(x1, x2, out_shape, axes)
         budget, budget_source = self._budget()
-        if self._implementation is not Implementation.AUTO:
-            choice = self._implementation.value
-        else:
-            fitting = [e for e in estimates.values() if budget is None or e.peak_bytes <= budget]
-            choice = min(fitting, key=lambda e: e.seconds).implementation if fitting else None
+        auto = self._implementation is Implementation.AUTO
+        choice = choose(estimates, budget) if auto else self._implementation.value
         n2 = None if x2 is None else x2.shape[0]
         return Explanation(
             backend=self._backend.name,
@@ -179,7 +176,7 @@ class KernelFn:
             n1=x1.shape[0],
             n2=n2,
             out_shape=out_shape,
-            kernel_shape=axes.kernel_shape((x1.shape[0], *out_shape), (x1.shape[0] if n2 is None else n2, *out_shape)),
+            kernel_shape=self._kernel_shape(x1, x2, out_shape, axes),
             choice=choice,
             estimates=estimates,
             budget_bytes=budget,
@@ -265,13 +262,20 @@ class KernelFn:
         if key in _CHOICES:
             _CHOICES.move_to_end(key)
             return _CHOICES[key]
-        explanation = self.explain(x1, x2)
-        if explanation.choice is None:
-            raise MemoryBudgetError(explanation.budget_message())
-        _CHOICES[key] = explanation.choice
+        estimates = self._estimates(x1, x2, out_shape, axes)[0]
+        budget, source = self._budget()
+        choice = choose(estimates, budget)
+        if choice is None:
+            shape = self._kernel_shape(x1, x2, out_shape, axes)
+            raise MemoryBudgetError(budget_message(estimates, budget, source, shape))
+        _CHOICES[key] = choice
         while len(_CHOICES) > _COMPILED_SIZE:
             _CHOICES.popitem(last=False)
-        return explanation.choice
+        return choice
+
+    @staticmethod
+    def _kernel_shape(x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes) -> tuple[int, ...]:
+        return axes.kernel_shape((x1.shape[0], *out_shape), ((x1 if x2 is None else x2).shape[0], *out_shape))
 
     def _capture(self, x1: Any, *, warn: bool) -> Capture:
         """The adapter's layer capture for this model and input shape; with ``warn``, warns once

@@ -36,7 +36,7 @@ from typing import Any
 
 from .algorithms.ntk_vector_products import chunk_examples
 from .axes import KernelAxes
-from .rules import dense_orders
+from .rules import dense_orders, output_pairs, pair_entries
 
 METHODS = ("jacobian_contraction", "ntk_vector_products", "structured")
 
@@ -135,16 +135,6 @@ def model_shape(capture: Any, params: Mapping[str, Any], plan: tuple | None) -> 
     return ModelShape(total, forward, activations, tuple(layers), direct_flops, calls=max(calls, 1))
 
 
-def _entries(axes: KernelAxes, out_shape: tuple[int, ...]) -> int:
-    """Kernel entries per example pair: O_a² kept, O_a diagonal, 1 traced."""
-    return math.prod(n * n if a in axes.kept else n if a in axes.diagonal else 1 for a, n in enumerate(out_shape, 1))
-
-
-def _contracted(axes: KernelAxes, out_shape: tuple[int, ...]) -> int:
-    """Entries per example pair times the length of the traced sums: O_a² kept, O_a otherwise."""
-    return math.prod(n if (a in axes.trace or a in axes.diagonal) else n * n for a, n in enumerate(out_shape, 1))
-
-
 def _structured_terms(
     shape: ModelShape, n1: int, n2: int, reuse: bool, out_shape: tuple[int, ...], axes: KernelAxes
 ) -> tuple[float, float, float, float]:
@@ -153,7 +143,7 @@ def _structured_terms(
     o = math.prod(out_shape)
     nx = n1 if reuse else n1 + n2
     examples = n1 if 0 in axes.diagonal else n1 * n2
-    pairs = examples * _contracted(axes, out_shape)
+    pairs = examples * output_pairs(axes, out_shape)
     flops = largest = written = gradients = 0.0
     for layer in shape.layers:
         size = sum(layer.sizes.values())
@@ -162,7 +152,7 @@ def _structured_terms(
             _, cost, elements = min(orders.values())
         elif layer.rule == "embedding":
             cost = 2.0 * pairs * layer.tokens**2 * layer.features
-            elements = float(examples * _entries(axes, out_shape) * layer.tokens**2)
+            elements = float(examples * pair_entries(axes, out_shape) * layer.tokens**2)
         elif layer.rule in ("conv", "affine", "shared"):  # per-example gradients, then contracted
             cost = 2.0 * nx * o * layer.tokens * size + 2.0 * pairs * size
             elements = float(nx * o * size)
@@ -196,10 +186,10 @@ def estimate(
     o = math.prod(out_shape)
     p, f, a = shape.params, shape.forward_flops, shape.activations
     examples = n1 if 0 in axes.diagonal else n1 * n2
-    kernel = examples * _entries(axes, out_shape)
+    kernel = examples * pair_entries(axes, out_shape)
     if implementation == "jacobian_contraction":
         passes = nx * (f + 2.0 * o * f)
-        contraction = 2.0 * examples * _contracted(axes, out_shape) * p
+        contraction = 2.0 * examples * output_pairs(axes, out_shape) * p
         peak = nx * o * p + max(n1, n2) * o * a + kernel
         traffic = nx * o * (p + a) + kernel
     elif implementation == "ntk_vector_products":

@@ -44,14 +44,7 @@ class Explanation:
 
     def budget_message(self) -> str:
         """The error text when nothing fits: what each method needs and what to do."""
-        needs = ", ".join(f"{name} ~{_bytes(e.peak_bytes)}" for name, e in self.estimates.items())
-        return (
-            f"no implementation fits the memory budget of {_bytes(self.budget_bytes)} ({self.budget_source}) for a "
-            f"kernel of shape {self.kernel_shape}: predicted peaks are {needs}. Compute less at once: "
-            "trace_axes=(-1,) sums over the output axis (O times fewer entries), "
-            "diagonal_axes=(0,) keeps only pairs x1[i], x2[i], or split x1 and x2 into smaller batches and "
-            "compute the kernel's blocks one by one (the tiled large-N path); or raise memory_budget=."
-        )
+        return budget_message(self.estimates, self.budget_bytes, self.budget_source, self.kernel_shape)
 
     def __str__(self) -> str:
         second = "x2 = x1" if self.n2 is None else f"N2 = {self.n2}"
@@ -79,6 +72,26 @@ class Explanation:
             for layer in self.layers:
                 lines.append(f"  {layer.name:<{width}}  {layer.kind:<9} {layer.params:>10} params  {layer.rule}")
         return "\n".join(lines)
+
+
+def choose(estimates: Mapping[str, Estimate], budget: float | None) -> str | None:
+    """The implementation predicted fastest among those whose peak fits ``budget`` (None: none fits)."""
+    fitting = [e for e in estimates.values() if budget is None or e.peak_bytes <= budget]
+    return min(fitting, key=lambda e: e.seconds).implementation if fitting else None
+
+
+def budget_message(
+    estimates: Mapping[str, Estimate], budget: float | None, source: str, kernel_shape: tuple[int, ...]
+) -> str:
+    """Why nothing fits ``budget``: what each method needs, and what to do."""
+    needs = ", ".join(f"{name} ~{_bytes(e.peak_bytes)}" for name, e in estimates.items())
+    return (
+        f"no implementation fits the memory budget of {_bytes(budget)} ({source}) for a "
+        f"kernel of shape {kernel_shape}: predicted peaks are {needs}. Compute less at once: "
+        "trace_axes=(-1,) sums over the output axis (O times fewer entries), "
+        "diagonal_axes=(0,) keeps only pairs x1[i], x2[i], or split x1 and x2 into smaller batches and "
+        "compute the kernel's blocks one by one (the tiled large-N path); or raise memory_budget=."
+    )
 
 
 def describe_layers(

@@ -34,9 +34,14 @@ def _batch_labels(axes: KernelAxes) -> list[Label]:
     return [("d", 0)] if 0 in axes.diagonal else [(1, 0), (2, 0)]
 
 
-def _output_pairs(axes: KernelAxes, out_shape: tuple[int, ...]) -> int:
-    """Entries of the kernel per example pair: O_a² for kept axes, O_a for reduced ones."""
+def output_pairs(axes: KernelAxes, out_shape: tuple[int, ...]) -> int:
+    """Output pairs contracted per example pair: O_a² for kept axes, O_a for reduced ones."""
     return math.prod(n if (a in axes.trace or a in axes.diagonal) else n * n for a, n in enumerate(out_shape, start=1))
+
+
+def pair_entries(axes: KernelAxes, out_shape: tuple[int, ...]) -> int:
+    """Kernel entries per example pair: O_a² for kept axes, O_a for diagonal ones, 1 traced."""
+    return math.prod(n * n if a in axes.kept else n if a in axes.diagonal else 1 for a, n in enumerate(out_shape, 1))
 
 
 def _token_products(xp: Any, g1: Any, g2: Any, axes: KernelAxes) -> tuple[Any, list[Label]]:
@@ -101,10 +106,8 @@ def dense_orders(
     order. FLOPs are 2 × multiply-adds.
     """
     examples = n1 if 0 in axes.diagonal else n1 * n2
-    pairs = examples * _output_pairs(axes, out_shape)
-    entries = examples * math.prod(  # kernel entries per pair of tokens
-        n * n if a in axes.kept else n if a in axes.diagonal else 1 for a, n in enumerate(out_shape, start=1)
-    )
+    pairs = examples * output_pairs(axes, out_shape)
+    entries = examples * pair_entries(axes, out_shape)  # kernel entries per pair of tokens
     pairwise = pairs * s * s * f + examples * s * s * n_in
     gradients = (n1 + n2) * math.prod(out_shape) * f * n_in
     per_example = gradients * s + pairs * f * n_in
