@@ -8,7 +8,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from . import cost_model, memory
+from . import cost_model, large_n, memory
 from ._xp import namespace_of
 from .algorithms import jacobian_contraction, ntk_vector_products, structured
 from .algorithms._common import device_of, itemsize
@@ -97,10 +97,19 @@ class KernelFn:
         batch_independent: bool | None,
         kind: str,
         memory_budget: Any = None,
+        batch_size: int | None = None,
+        progress: bool | None = None,
+        executor: Any = None,
     ) -> None:
         self._model, self._params = model, params
         self._implementation = Implementation.parse(implementation)
         self._memory_budget = memory.parse_budget(memory_budget)
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+        ):
+            raise ValueError(f"batch_size must be a positive number of examples per tile, got {batch_size!r}")
+        self._batch_size, self._progress, self._executor = batch_size, progress, executor
+        self._backend_name = backend
         if batch_independent not in (None, True, False):
             raise TypeError(f"batch_independent must be None, True or False, got {batch_independent!r}")
         self._axes_args = (trace_axes, diagonal_axes)
@@ -137,9 +146,46 @@ class KernelFn:
         return self._backend
 
     # -- the call -------------------------------------------------------------------------
-    def __call__(self, x1: Any, x2: Any = None) -> Any:
-        """The kernel between ``x1`` and ``x2`` (``x2=None`` reuses x1's work)."""
+    def __call__(self, x1: Any, x2: Any = None, *, out: Any = None, overwrite: bool = False) -> Any:
+        """The kernel between ``x1`` and ``x2`` (``x2=None`` reuses x1's work).
+
+        With ``batch_size``, ``out`` (a ``.zarr`` or ``.npy`` path: written tile by tile,
+        resumable, returned opened read-only) or an ``executor``, or when ``"auto"`` finds that
+        the whole kernel at once does not fit the memory budget, it is computed tile by tile
+        (:mod:`ntkcore.large_n`).
+        """
         x1, x2, out_shape, axes = self._resolve(x1, x2)
+        size = self._batch_size
+        if size is None and (out is not None or self._executor is not None or not self._fits(x1, x2, out_shape, axes)):
+            size = large_n.tile_size(self, x1, x2, out_shape, axes, on_disk=out is not None)
+        if size is None:
+            return self._untiled(x1, x2, out_shape, axes)
+        return large_n.compute(
+            self,
+            x1,
+            x2,
+            out_shape,
+            axes,
+            batch_size=size,
+            out=out,
+            overwrite=overwrite,
+            progress=self._progress,
+            executor=self._executor,
+        )
+
+    def _fits(self, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes) -> bool:
+        """Whether the whole kernel can be computed at once (``"auto"``: some method fits the
+        budget; an explicit implementation is always run as asked)."""
+        if self._kind == "nngp" or self._implementation is not Implementation.AUTO:
+            return True
+        try:
+            self._auto_choice(x1, x2, out_shape, axes)
+        except MemoryBudgetError:
+            return False
+        return True
+
+    def _untiled(self, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes) -> Any:
+        """The kernel in one computation, on checked inputs."""
         backend, prepared = self._backend, self._prepared
         coupled = self._batch_independent is False
         impl = self._implementation
@@ -234,6 +280,39 @@ class KernelFn:
             m: cost_model.estimate(shape, m, x1.shape[0], n2, out_shape, axes, size, constants) for m in methods
         }
         return estimates, shape, device, unavailable
+
+    def _spec(self) -> dict:
+        """The arguments that rebuild this kernel function in another process (a Dask worker)."""
+        return {
+            "model": self._model,
+            "params": self._params,
+            "implementation": self._implementation,
+            "trace_axes": self._axes_args[0],
+            "diagonal_axes": self._axes_args[1],
+            "backend": self._backend.name if self._backend is not None else self._backend_name,
+            "batch_independent": self._batch_independent,
+            "kind": self._kind,
+            "memory_budget": self._memory_budget,
+        }
+
+    def _options(self, batch_size: int) -> dict:
+        """What a stored kernel depends on besides parameters and inputs (its fingerprint)."""
+        trace, diagonal = self._axes_args
+        return {
+            "kind": self._kind,
+            "backend": self._backend.name,
+            "implementation": self._implementation.value,
+            "trace_axes": repr(trace),
+            "diagonal_axes": repr(diagonal),
+            "batch_independent": self._batch_independent,
+            "batch_size": batch_size,
+        }
+
+    def _dtype_name(self) -> str:
+        return self._backend.dtype_name(next(iter(self._prepared.params.values())))
+
+    def _itemsize(self) -> int:
+        return itemsize(self._dtype_name())
 
     def _budget(self) -> tuple[float | None, str]:
         """The memory budget in bytes (``None``: unknown, no limit) and where it comes from."""
@@ -354,6 +433,9 @@ def ntk_fn(
     backend: str | None = None,
     batch_independent: bool | None = None,
     memory_budget: float | str | None = None,
+    batch_size: int | None = None,
+    progress: bool | None = None,
+    executor: Any = None,
 ) -> KernelFn:
     """A reusable ``kernel(x1, x2=None)`` computing the empirical NTK of ``model``.
 
@@ -370,6 +452,9 @@ def ntk_fn(
         batch_independent=batch_independent,
         kind="ntk",
         memory_budget=memory_budget,
+        batch_size=batch_size,
+        progress=progress,
+        executor=executor,
     )
 
 
@@ -385,6 +470,11 @@ def ntk(
     backend: str | None = None,
     batch_independent: bool | None = None,
     memory_budget: float | str | None = None,
+    batch_size: int | None = None,
+    progress: bool | None = None,
+    executor: Any = None,
+    out: Any = None,
+    overwrite: bool = False,
 ) -> Any:
     """The empirical NTK Θ(x1, x2) = J(x1)·J(x2)ᵀ, J = ∂f/∂θ over trainable parameters θ.
 
@@ -404,6 +494,14 @@ def ntk(
             ``False`` computes the exact kernel of a batch whose examples interact.
         memory_budget: bytes (or a string like ``"4GB"``) ``"auto"`` may use; default half of
             the free memory of the device (host RAM on a CPU).
+        batch_size: examples per tile: the kernel is computed tile by tile (x2=None: only
+            the tiles on and above the diagonal). Chosen from the memory budget when not given
+            and the whole kernel would not fit.
+        progress: a progress bar over tiles: ``None`` (default) on a terminal only.
+        executor: a ``dask.distributed.Client`` or a scheduler address: tiles run as Dask tasks.
+        out: a ``.zarr`` (zarr v3) or ``.npy`` path: the kernel is written there tile by tile
+            and returned opened read-only; rerunning the same call resumes an interrupted job.
+        overwrite: replace an ``out`` that holds a kernel of other parameters, inputs or options.
 
     Returns:
         An array of the model's framework, dtype and device, of shape (N1, N2, *out, *out)
@@ -418,8 +516,11 @@ def ntk(
         backend=backend,
         batch_independent=batch_independent,
         memory_budget=memory_budget,
+        batch_size=batch_size,
+        progress=progress,
+        executor=executor,
     )
-    return fn(x1, x2)
+    return fn(x1, x2, out=out, overwrite=overwrite)
 
 
 def explain(
@@ -465,6 +566,10 @@ def nngp(
     diagonal_axes: Axes = (),
     backend: str | None = None,
     batch_independent: bool | None = None,
+    batch_size: int | None = None,
+    out: Any = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
 ) -> Any:
     """The empirical NNGP kernel f(x1)·f(x2)ᵀ, with the axis conventions of :func:`ntk`."""
     fn = KernelFn(
@@ -476,8 +581,10 @@ def nngp(
         backend=backend,
         batch_independent=batch_independent,
         kind="nngp",
+        batch_size=batch_size,
+        progress=progress,
     )
-    return fn(x1, x2)
+    return fn(x1, x2, out=out, overwrite=overwrite)
 
 
 def ntk_from_jacobians(

@@ -86,6 +86,33 @@ def _explain(args: argparse.Namespace) -> int:
     return 0 if result.choice is not None else 1
 
 
+def _compute(args: argparse.Namespace) -> int:
+    from .api import ntk
+
+    model = _load(args.model, "--model")
+    params = _load(args.params, "--params") if args.params else None
+    x1 = _input(args.x1, None)
+    x2 = _input(args.x2, None)
+    ntk(
+        model,
+        x1,
+        x2,
+        params=params,
+        implementation=args.implementation,
+        trace_axes=_axes(args.trace_axes),
+        diagonal_axes=_axes(args.diagonal_axes),
+        backend=args.backend,
+        memory_budget=args.memory_budget,
+        batch_size=args.batch_size,
+        executor=args.scheduler,
+        progress=None if args.progress is None else args.progress == "on",
+        out=args.out,
+        overwrite=args.overwrite,
+    )
+    print(f"ntkcore compute: kernel written to {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ntkcore`` command."""
     parser = argparse.ArgumentParser(prog="ntkcore", description="Empirical Neural Tangent Kernels, fast.")
@@ -113,6 +140,24 @@ def main(argv: list[str] | None = None) -> int:
     explain.add_argument("--backend", help="jax, torch or tensorflow (default: inferred)")
     explain.add_argument("--memory-budget", help="bytes, or e.g. 4GB (default: half of the free memory)")
     explain.set_defaults(handler=_explain)
+    compute = commands.add_parser(
+        "compute", help="a kernel written to disk tile by tile (resumable: rerun the same command)"
+    )
+    compute.add_argument("--model", required=True, help="module:attribute of the model")
+    compute.add_argument("--params", help="module:attribute of a JAX function's parameters")
+    compute.add_argument("--x1", required=True, help=".npy file with the first batch")
+    compute.add_argument("--x2", help=".npy file with the second batch (default: x2 = x1)")
+    compute.add_argument("--out", required=True, help="kernel.zarr (zarr v3) or kernel.npy")
+    compute.add_argument("--batch-size", type=int, help="examples per tile (default: from the memory budget)")
+    compute.add_argument("--implementation", default="auto", help="default: %(default)s")
+    compute.add_argument("--trace-axes", help="comma-separated output axes to trace, e.g. -1")
+    compute.add_argument("--diagonal-axes", help="comma-separated output axes to keep the diagonal of")
+    compute.add_argument("--backend", help="jax, torch or tensorflow (default: inferred)")
+    compute.add_argument("--memory-budget", help="bytes, or e.g. 4GB (default: half of the free memory)")
+    compute.add_argument("--scheduler", help="address of a Dask scheduler: tiles run on its workers")
+    compute.add_argument("--progress", choices=["on", "off"], help="progress bar (default: on a terminal)")
+    compute.add_argument("--overwrite", action="store_true", help="replace an --out holding another kernel")
+    compute.set_defaults(handler=_compute)
     args = parser.parse_args(argv)
     return args.handler(args)
 
