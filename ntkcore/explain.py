@@ -89,8 +89,8 @@ def budget_message(
         f"no implementation fits the memory budget of {_bytes(budget)} ({source}) for a "
         f"kernel of shape {kernel_shape}: predicted peaks are {needs}. Compute less at once: "
         "trace_axes=(-1,) sums over the output axis (O times fewer entries), "
-        "diagonal_axes=(0,) keeps only pairs x1[i], x2[i], or split x1 and x2 into smaller batches and "
-        "compute the kernel's blocks one by one (the tiled large-N path); or raise memory_budget=."
+        "diagonal_axes=(0,) keeps only pairs x1[i], x2[i]; batch_size= computes the kernel tile by tile "
+        "and out='kernel.zarr' writes it to disk; or raise memory_budget=."
     )
 
 

@@ -29,7 +29,7 @@ from .tiling import Tile, assemble, plan
 def tile_size(fn: Any, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes, on_disk: bool) -> int:
     """The largest tile (N, N/2, N/4, …) whose best implementation fits the memory budget,
     next to the kernel itself when it is assembled in memory."""
-    budget, source = fn._budget()
+    budget = fn._budget()[0]
     n1 = x1.shape[0]
     n = max(n1, n1 if x2 is None else x2.shape[0])
     if budget is None:
@@ -40,9 +40,8 @@ def tile_size(fn: Any, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: Kerne
     room = budget if on_disk else budget - kernel_bytes
     if room <= 0:
         raise MemoryBudgetError(
-            f"the kernel itself takes {kernel_bytes / 1e9:.3g} GB, more than the memory budget of "
-            f"{budget / 1e9:.3g} GB ({source}); pass out='kernel.zarr' (or a .npy path) to write it to disk "
-            "tile by tile, or reduce it with trace_axes / diagonal_axes"
+            f"{fn.explain(x1, x2).budget_message()} Tiles alone do not help here: the kernel itself takes "
+            f"{kernel_bytes / 1e9:.3g} GB; out='kernel.zarr' (or a .npy path) writes it to disk tile by tile."
         )
     size = n
     while True:
@@ -55,8 +54,8 @@ def tile_size(fn: Any, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: Kerne
             break
         size = (size + 1) // 2
     raise MemoryBudgetError(
-        f"even one example per tile needs more than the {room / 1e9:.3g} GB left of the memory budget "
-        f"({source}); raise memory_budget= or reduce the kernel with trace_axes / diagonal_axes"
+        f"{fn.explain(x1, x2).budget_message()} Even tiles of one example need more than the "
+        f"{room / 1e9:.3g} GB left of it."
     )
 
 

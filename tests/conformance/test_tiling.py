@@ -84,3 +84,18 @@ def test_progress_bar(backend, zoo, capsys):
     ntkcore.ntk(built.model, x1, batch_size=1, progress=True, **built.kwargs)
     err = capsys.readouterr().err
     assert "10/10" in err and "tile" in err and "entries_per_s" in err
+
+
+def test_auto_tiles_when_the_whole_kernel_does_not_fit(backend, zoo, capsys):
+    built = zoo.build("mlp", "float64")
+    x1 = zoo.to_native(inputs("mlp")[0], "float64")
+    whole = ntkcore.explain(built.model, x1, **built.kwargs)
+    kernel_bytes = 8 * int(np.prod(whole.kernel_shape))
+    one = ntkcore.explain(built.model, x1[:1], x1[:1], **built.kwargs)  # a tile of one example a side
+    budget = kernel_bytes + min(e.peak_bytes for e in one.estimates.values())
+    assert budget < min(e.peak_bytes for e in whole.estimates.values())  # the kernel fits; no method at once
+    tiled = ntkcore.ntk(built.model, x1, memory_budget=budget, progress=True, **built.kwargs)
+    assert "tile" in capsys.readouterr().err
+    assert_close(zoo.to_numpy(tiled), zoo.to_numpy(ntkcore.ntk(built.model, x1, **built.kwargs)), 1e-12)
+    with pytest.raises(ntkcore.MemoryBudgetError, match="the kernel itself takes"):
+        ntkcore.ntk(built.model, x1, memory_budget=kernel_bytes / 2, **built.kwargs)
