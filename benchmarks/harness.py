@@ -63,7 +63,12 @@ class Harness:
     def child(self, spec: dict, python: str = sys.executable) -> list[dict]:
         """Run one child process; its JSON lines, or [] (recorded as a failure)."""
         spec = {"data": str(self.data), "save": str(self.kernels), "repeats": self.args.repeats, **spec}
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(Path(__file__).parent.parent)}
+        # The repository first; the caller's own PYTHONPATH is kept for ntkcore's children but
+        # not for the neural-tangents environment, whose pinned jax must not be shadowed.
+        paths = [str(Path(__file__).parent.parent)]
+        if python == sys.executable and os.environ.get("PYTHONPATH"):
+            paths.append(os.environ["PYTHONPATH"])
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": os.pathsep.join(paths)}
         try:
             done = subprocess.run(
                 [python, "-m", "benchmarks.child", json.dumps(spec)],
