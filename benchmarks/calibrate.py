@@ -31,11 +31,21 @@ from scipy.optimize import nnls
 from benchmarks import report
 from benchmarks.child import _to_framework
 from benchmarks.workloads import ALL, WORKLOADS, build, inputs, weights
+from ntkcore.cost_model import device_class
 
 METHODS = ("jacobian_contraction", "ntk_vector_products", "structured")
 SHORT = {"jacobian_contraction": "JC", "ntk_vector_products": "NVP", "structured": "SD"}
-BEGIN = "<!-- begin: written by `python -m benchmarks.calibrate`; do not edit by hand -->"
-END = "<!-- end: written by `python -m benchmarks.calibrate` -->"
+
+
+def markers(device: str) -> tuple[str, str]:
+    """The RESULTS.md markers of one device class's calibration section."""
+    tag = "" if device == "cpu" else f" ({device})"
+    return (
+        f"<!-- begin: written by `python -m benchmarks.calibrate`{tag}; do not edit by hand -->",
+        f"<!-- end: written by `python -m benchmarks.calibrate`{tag} -->",
+    )
+
+
 TARGET = 1.25  # auto within this factor of the fastest measured implementation
 MAX_RATE = 1e16  # a coefficient fitted to zero: the term is negligible, not free
 
@@ -100,7 +110,9 @@ def collect(results: list[dict]) -> dict:
         key = (r["backend"], r["workload"])
         if key not in cache:
             cache[key] = features(*key)
-        table[key][r["implementation"]] = (cache[key][r["implementation"]], r["median_s"])
+        # the cost model's terms do not depend on the device; the constants fitted do
+        terms = {**cache[key][r["implementation"]], "device": device_class(r.get("device", "cpu"))}
+        table[key][r["implementation"]] = (terms, r["median_s"])
     return table
 
 
@@ -141,13 +153,14 @@ def evaluate(backend: str, workload: str, measured: dict, fitted: dict, held_out
     }
 
 
-def markdown(rows: list[dict], source: str) -> str:
+def markdown(rows: list[dict], source: str, device: str) -> str:
     met = sum(r["ratio"] <= TARGET for r in rows)
     met_out = sum(r["held_out_ratio"] <= TARGET for r in rows)
     ranked = sum(r["ranking_matches"] for r in rows)
+    begin, end = markers(device)
     lines = [
-        BEGIN,
-        '## implementation="auto": calibration (generated)',
+        begin,
+        f'## implementation="auto": calibration on {device.upper()} (generated)',
         f"Produced by `python -m benchmarks.calibrate --write` from {source}: the cost model's constants "
         "fitted per backend to that run's ntkcore measurements (workloads and sweep points), stored in "
         "`ntkcore/calibration.json`. Held out: fitted without the workload's own measurements.",
@@ -167,7 +180,7 @@ def markdown(rows: list[dict], source: str) -> str:
             f"{r['ratio']:.2f}× | {SHORT[r['held_out_choice']]}, {r['held_out_ratio']:.2f}× | "
             f"{'yes' if r['ranking_matches'] else 'no'} |"
         )
-    lines.append(END)
+    lines.append(end)
     return "\n".join(lines) + "\n"
 
 
@@ -180,19 +193,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     run = json.loads(Path(args.results).read_text())
     constants, rows = calibrate(collect(run["results"]))
-    text = markdown(rows, f"`{args.results}` ({run['meta']['date']}, {run['meta']['machine']})")
-    print(text)
+    devices = sorted({key.split("/")[1] for key in constants})
+    source = f"`{args.results}` ({run['meta']['date']}, {run['meta']['machine']})"
+    texts = {d: markdown([r for r in rows if f"{r['backend']}/{d}" in constants], source, d) for d in devices}
+    print("\n".join(texts.values()))
     if args.write:
+        # a run replaces the constants of the device classes it measured, and keeps the others
         path = Path(args.calibration)
         data = json.loads(path.read_text())
-        kept = {k: v for k, v in data["constants"].items() if k.startswith("default/gpu")}
-        cpu = [c for k, c in constants.items() if k.endswith("/cpu")]
-        if cpu:  # an uncalibrated backend on a CPU: the mean of the fitted ones
-            kept["default/cpu"] = _mean(cpu)
+        kept = {k: v for k, v in data["constants"].items() if k.split("/")[1] not in devices}
+        for device in devices:  # an uncalibrated backend on this class: the mean of the fitted ones
+            kept[f"default/{device}"] = _mean([c for k, c in constants.items() if k.endswith(f"/{device}")])
         data["constants"] = {**kept, **constants}
-        data["source"] = f"fitted by python -m benchmarks.calibrate to {args.results} of {run['meta']['date']}"
+        sources = data.get("source", {})
+        sources = sources if isinstance(sources, dict) else {"cpu": sources}  # files written before GPU runs
+        for device in devices:
+            sources[device] = f"fitted by python -m benchmarks.calibrate to {args.results} of {run['meta']['date']}"
+        data["source"] = sources
         path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        report.write(Path(args.report), text, BEGIN, END)
+        for device, text in texts.items():
+            report.write(Path(args.report), text, *markers(device))
     return 0
 
 
