@@ -8,8 +8,12 @@ from .api import KernelFn, StructuredFallbackWarning, explain, flatten, nngp, nt
 from .axes import KernelAxes
 from .explain import Explanation, MemoryBudgetError
 from .implementation import Implementation
+from .linearized import Linearized, linearize
+from .operators import NTKOperator, ntk_operator
+from .predict import Prediction, alignment, drift, gd_mse, kernel_drift, kernel_regression, max_learning_rate
 from .protocol import AutodiffBackend, PreparedModel
 from .registry import get_backend, installed_backends, known_backends
+from .spectra import Spectrum, spectrum
 
 __version__ = "0.1.0"
 
@@ -19,16 +23,29 @@ __all__ = [
     "Implementation",
     "KernelAxes",
     "KernelFn",
+    "Linearized",
     "MemoryBudgetError",
+    "NTKOperator",
+    "Prediction",
     "PreparedModel",
+    "Spectrum",
     "StructuredFallbackWarning",
+    "alignment",
+    "drift",
     "explain",
     "flatten",
+    "gd_mse",
     "get_backend",
     "installed_backends",
+    "kernel_drift",
+    "kernel_regression",
     "known_backends",
+    "linearize",
+    "max_learning_rate",
     "nngp",
     "ntk",
     "ntk_fn",
     "ntk_from_jacobians",
+    "ntk_operator",
+    "spectrum",
 ]

@@ -11,7 +11,7 @@ from typing import Any
 from . import cost_model, large_n, memory
 from ._xp import namespace_of
 from .algorithms import jacobian_contraction, ntk_vector_products, structured
-from .algorithms._common import device_of, itemsize
+from .algorithms._common import device_of, itemsize, layer_name
 from .axes import KernelAxes
 from .cost_model import Estimate, ModelShape
 from .explain import Explanation, MemoryBudgetError, budget_message, choose, describe_layers
@@ -34,9 +34,11 @@ _COMPILED_SIZE = 64
 
 def _build_compute(backend: AutodiffBackend, apply: Any, kind: str, key: tuple, capture: Capture | None) -> Callable:
     """The kernel computation for one set of static options (before compilation)."""
-    _, out_shape, axes, coupled, impl = key
+    _, out_shape, axes, coupled, impl, per_layer = key
 
     def compute(params: Mapping[str, Any], x1: Any, x2: Any = None) -> Any:
+        if per_layer:
+            return _per_layer(backend, apply, impl, capture, params, x1, x2, out_shape, axes, coupled)
         xp = backend.namespace(x1)
         shape1 = (x1.shape[0], *out_shape)
         shape2 = shape1 if x2 is None else (x2.shape[0], *out_shape)
@@ -77,6 +79,58 @@ def _compiled_kernel(
     return _COMPILED[cache_key]
 
 
+def _layers_of(params: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Layer name -> its parameter names, in parameter order (see ``layer_name``)."""
+    layers: dict[str, list[str]] = {}
+    for name in params:
+        layers.setdefault(layer_name(name), []).append(name)
+    return layers
+
+
+def _per_layer(
+    backend: AutodiffBackend,
+    apply: Any,
+    impl: Implementation,
+    capture: Capture | None,
+    params: Mapping[str, Any],
+    x1: Any,
+    x2: Any,
+    out_shape: tuple[int, ...],
+    axes: KernelAxes,
+    coupled: bool,
+) -> dict[str, Any]:
+    """Layer name -> the layer's contribution J1_l·J2_lᵀ (they sum to the kernel).
+
+    Structured derivatives and Jacobian contraction get them from the same pieces as the whole
+    kernel; NTK-vector products run once per layer, differentiating that layer's parameters only.
+    """
+    xp = backend.namespace(x1)
+    layers = _layers_of(params)
+    if impl is Implementation.STRUCTURED:
+        parts = structured.kernel(backend, capture, params, x1, x2, axes, out_shape, layer_of=layer_name)
+        return {layer: parts[layer] for layer in layers}
+    if impl is Implementation.NTK_VECTOR_PRODUCTS:
+        x2_ = x1 if x2 is None else x2
+        parts = {}
+        for layer, names in layers.items():
+            own = {n: params[n] for n in names}
+            restricted = lambda p, x: apply({**params, **p}, x)  # noqa: E731 - the other layers held fixed
+            parts[layer] = ntk_vector_products.kernel(
+                backend, restricted, own, x1, x2_, axes, out_shape, coupled=coupled
+            )
+        return parts
+    j1 = jacobian_contraction.jacobians(backend, apply, params, x1, out_shape, coupled=coupled)
+    j2 = j1 if x2 is None else jacobian_contraction.jacobians(backend, apply, params, x2, out_shape, coupled=coupled)
+    shape1 = (x1.shape[0], *out_shape)
+    shape2 = shape1 if x2 is None else (x2.shape[0], *out_shape)
+    return {
+        layer: jacobian_contraction.contract(
+            xp, {n: j1[n] for n in names}, {n: j2[n] for n in names}, axes, shape1, shape2
+        )
+        for layer, names in layers.items()
+    }
+
+
 class KernelFn:
     """A reusable ``kernel(x1, x2=None)`` for one model; see :func:`ntk_fn`.
 
@@ -100,8 +154,17 @@ class KernelFn:
         batch_size: int | None = None,
         progress: bool | None = None,
         executor: Any = None,
+        per_layer: bool = False,
     ) -> None:
         self._model, self._params = model, params
+        if per_layer not in (True, False):
+            raise TypeError(f"per_layer must be True or False, got {per_layer!r}")
+        if per_layer and (batch_size is not None or executor is not None):
+            raise ValueError(
+                "per_layer=True returns the layers' kernels in memory: it cannot be tiled "
+                "(batch_size=) or distributed (executor=)"
+            )
+        self._per_layer = per_layer
         self._implementation = Implementation.parse(implementation)
         self._memory_budget = memory.parse_budget(memory_budget)
         if batch_size is not None and (
@@ -155,6 +218,10 @@ class KernelFn:
         (:mod:`ntkcore.large_n`).
         """
         x1, x2, out_shape, axes = self._resolve(x1, x2)
+        if self._per_layer:
+            if out is not None:
+                raise ValueError("per_layer=True returns the layers' kernels in memory: out= is not supported")
+            return self._untiled(x1, x2, out_shape, axes)
         size = self._batch_size
         if size is None and (out is not None or self._executor is not None or not self._fits(x1, x2, out_shape, axes)):
             size = large_n.tile_size(self, x1, x2, out_shape, axes, on_disk=out is not None)
@@ -202,7 +269,7 @@ class KernelFn:
             )
             impl = Implementation.JACOBIAN_CONTRACTION
         capture = self._capture(x1, warn=True) if impl is Implementation.STRUCTURED else None
-        key = (x2 is None, out_shape, axes, coupled, impl)
+        key = (x2 is None, out_shape, axes, coupled, impl, self._per_layer)
         compiled = _compiled_kernel(backend, prepared.apply, self._kind, key, capture)
         return compiled(prepared.params, x1) if x2 is None else compiled(prepared.params, x1, x2)
 
@@ -436,6 +503,7 @@ def ntk_fn(
     batch_size: int | None = None,
     progress: bool | None = None,
     executor: Any = None,
+    per_layer: bool = False,
 ) -> KernelFn:
     """A reusable ``kernel(x1, x2=None)`` computing the empirical NTK of ``model``.
 
@@ -455,6 +523,7 @@ def ntk_fn(
         batch_size=batch_size,
         progress=progress,
         executor=executor,
+        per_layer=per_layer,
     )
 
 
@@ -475,6 +544,7 @@ def ntk(
     executor: Any = None,
     out: Any = None,
     overwrite: bool = False,
+    per_layer: bool = False,
 ) -> Any:
     """The empirical NTK Θ(x1, x2) = J(x1)·J(x2)ᵀ, J = ∂f/∂θ over trainable parameters θ.
 
@@ -502,10 +572,16 @@ def ntk(
         out: a ``.zarr`` (zarr v3) or ``.npy`` path: the kernel is written there tile by tile
             and returned opened read-only; rerunning the same call resumes an interrupted job.
         overwrite: replace an ``out`` that holds a kernel of other parameters, inputs or options.
+        per_layer: return a map layer name -> that layer's contribution J1_l·J2_lᵀ (they sum to
+            the kernel). A layer is a parameter name up to its last ``.`` or ``/`` (torch
+            ``"fc1"`` for ``"fc1.weight"``), or the parameter itself. Structured derivatives
+            and Jacobian contraction give them at the cost of the kernel; NTK-vector products
+            take one pass per layer. Not with tiling (``batch_size``, ``out``, ``executor``).
 
     Returns:
         An array of the model's framework, dtype and device, of shape (N1, N2, *out, *out)
-        before trace/diagonal reductions (see :mod:`ntkcore.axes`).
+        before trace/diagonal reductions (see :mod:`ntkcore.axes`); with ``per_layer``, a
+        dict of such arrays.
     """
     fn = ntk_fn(
         model,
@@ -519,6 +595,7 @@ def ntk(
         batch_size=batch_size,
         progress=progress,
         executor=executor,
+        per_layer=per_layer,
     )
     return fn(x1, x2, out=out, overwrite=overwrite)
 

@@ -62,26 +62,26 @@ def _axes(text: str | None) -> tuple[int, ...]:
     return () if not text else tuple(int(a) for a in text.split(","))
 
 
+def _kernel_options(args: argparse.Namespace) -> dict:
+    """The options ``explain`` and ``compute`` share, as keyword arguments of the API."""
+    return {
+        "params": _load(args.params, "--params") if args.params else None,
+        "implementation": args.implementation,
+        "trace_axes": _axes(args.trace_axes),
+        "diagonal_axes": _axes(args.diagonal_axes),
+        "backend": args.backend,
+        "memory_budget": args.memory_budget,
+    }
+
+
 def _explain(args: argparse.Namespace) -> int:
     from .api import explain
 
     model = _load(args.model, "the model")
-    params = _load(args.params, "--params") if args.params else None
     x1 = _input(args.x1, args.shape)
     if x1 is None:
         raise SystemExit("ntkcore explain: give the inputs as --x1 FILE.npy or their shape as --shape N,D,...")
-    x2 = _input(args.x2, None)
-    result = explain(
-        model,
-        x1,
-        x2,
-        params=params,
-        implementation=args.implementation,
-        trace_axes=_axes(args.trace_axes),
-        diagonal_axes=_axes(args.diagonal_axes),
-        backend=args.backend,
-        memory_budget=args.memory_budget,
-    )
+    result = explain(model, x1, _input(args.x2, None), **_kernel_options(args))
     print(result)
     return 0 if result.choice is not None else 1
 
@@ -89,20 +89,11 @@ def _explain(args: argparse.Namespace) -> int:
 def _compute(args: argparse.Namespace) -> int:
     from .api import ntk
 
-    model = _load(args.model, "--model")
-    params = _load(args.params, "--params") if args.params else None
-    x1 = _input(args.x1, None)
-    x2 = _input(args.x2, None)
     ntk(
-        model,
-        x1,
-        x2,
-        params=params,
-        implementation=args.implementation,
-        trace_axes=_axes(args.trace_axes),
-        diagonal_axes=_axes(args.diagonal_axes),
-        backend=args.backend,
-        memory_budget=args.memory_budget,
+        _load(args.model, "--model"),
+        _input(args.x1, None),
+        _input(args.x2, None),
+        **_kernel_options(args),
         batch_size=args.batch_size,
         executor=args.scheduler,
         progress=None if args.progress is None else args.progress == "on",

@@ -13,7 +13,27 @@ from typing import Any
 
 import tensorflow as tf
 
-__all__ = ["astype", "concat", "eye", "matmul", "ones", "permute_dims", "reshape", "sum", "zeros"]
+__all__ = [
+    "abs",
+    "astype",
+    "concat",
+    "exp",
+    "expm1",
+    "eye",
+    "linalg",
+    "log",
+    "matmul",
+    "max",
+    "min",
+    "ones",
+    "permute_dims",
+    "reshape",
+    "sqrt",
+    "stack",
+    "sum",
+    "where",
+    "zeros",
+]
 
 
 def _shape(shape: Sequence[int]) -> Any:
@@ -59,3 +79,34 @@ def astype(x: Any, dtype: Any, /, *, copy: bool = True, device: Any = None) -> t
 
 def concat(arrays: Sequence[Any], /, *, axis: int | None = 0) -> tf.Tensor:
     return tf.concat(list(arrays), axis=axis)
+
+
+def stack(arrays: Sequence[Any], /, *, axis: int = 0) -> tf.Tensor:
+    return tf.stack(list(arrays), axis=axis)
+
+
+def max(x: Any, /, *, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> tf.Tensor:
+    return tf.reduce_max(x, axis=axis, keepdims=keepdims)
+
+
+def min(x: Any, /, *, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> tf.Tensor:
+    return tf.reduce_min(x, axis=axis, keepdims=keepdims)
+
+
+def where(condition: Any, x1: Any, x2: Any, /) -> tf.Tensor:
+    return tf.where(condition, x1, x2)
+
+
+abs = tf.abs
+exp = tf.exp
+expm1 = tf.math.expm1
+log = tf.math.log
+sqrt = tf.sqrt
+
+
+class linalg:
+    """The array API ``linalg`` functions the analysis tools use (spectrum, predictions)."""
+
+    eigh = staticmethod(lambda x, /: tuple(tf.linalg.eigh(x)))
+    eigvalsh = staticmethod(lambda x, /: tf.linalg.eigvalsh(x))
+    solve = staticmethod(lambda x1, x2, /: tf.linalg.solve(x1, x2))

@@ -30,3 +30,11 @@ _ITEMSIZE = {"float64": 8, "complex64": 8, "complex128": 16, "float16": 2, "bflo
 def itemsize(dtype_name: str) -> int:
     """Bytes per element of a floating dtype named as adapters name it (float32 if unknown)."""
     return _ITEMSIZE.get(dtype_name, 4)
+
+
+def layer_name(param: str) -> str:
+    """The layer a parameter belongs to: its name up to the last ``.`` or ``/`` (torch
+    ``"fc1.weight"``, Keras ``"dense/kernel"``, JAX ``"params.Dense_0.kernel"``), or the name
+    itself when it has no separator (a JAX dict ``{"w1": ..., "b1": ...}``)."""
+    cut = max(param.rfind("."), param.rfind("/"))
+    return param[:cut] if cut > 0 else param

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from ..axes import KernelAxes
@@ -153,9 +154,15 @@ def kernel(
     x2: Any,
     axes: KernelAxes,
     out_shape: tuple[int, ...],
+    layer_of: Callable[[str], str] | None = None,
 ) -> Any:
-    """The NTK by structured derivatives; ``x2=None`` reuses x1's pieces."""
+    """The NTK by structured derivatives; ``x2=None`` reuses x1's pieces.
+
+    With ``layer_of`` (parameter name -> layer name), a map layer -> that layer's contribution
+    instead of their sum: a rule is applied once per layer its roles belong to.
+    """
     xp = backend.namespace(x1)
+    key = layer_of or (lambda name: "")
     groups, shared, fallback, _ = plan(capture, params)
     # fallback parameters, and kinds whose per-example gradients the framework computes best,
     # are differentiated directly in the backward passes that give the cotangents
@@ -167,19 +174,37 @@ def kernel(
     inputs2, g2, jac2 = (
         (inputs1, g1, jac1) if x2 is None else _pieces(backend, capture, params, x2, out_shape, direct, needed)
     )
-    n2 = x1.shape[0] if x2 is None else x2.shape[0]
-    total = None
+    shape1 = (x1.shape[0], *out_shape)
+    shape2 = shape1 if x2 is None else (x2.shape[0], *out_shape)
+    parts: dict[str, Any] = {}
+
+    def add(layer: str, part: Any) -> None:
+        parts[layer] = part if layer not in parts else parts[layer] + part
+
+    def contract_by_layer(j1: dict, j2: dict) -> None:
+        names: dict[str, list[str]] = defaultdict(list)
+        for name in j1:
+            names[key(name)].append(name)
+        for layer, chosen in names.items():
+            add(layer, contract(xp, {n: j1[n] for n in chosen}, {n: j2[n] for n in chosen}, axes, shape1, shape2))
+
     for group in groups:
         a1, b1 = _group_arrays(xp, group, inputs1, g1, out_shape)
         a2, b2 = (a1, b1) if x2 is None else _group_arrays(xp, group, inputs2, g2, out_shape)
-        part = RULES[group[0].kind](xp, a1, b1, a2, b2, axes, set(group[0].params))
-        total = part if total is None else total + part
+        roles: dict[str, set[str]] = defaultdict(set)
+        for role, name in group[0].params.items():
+            roles[key(name)].add(role)
+        for layer, chosen in roles.items():
+            add(layer, RULES[group[0].kind](xp, a1, b1, a2, b2, axes, chosen))
     if shared:
         s1 = _shared_gradients(xp, shared, params, inputs1, g1, out_shape)
         s2 = s1 if x2 is None else _shared_gradients(xp, shared, params, inputs2, g2, out_shape)
-        part = contract(xp, s1, s2, axes, (x1.shape[0], *out_shape), (n2, *out_shape))
-        total = part if total is None else total + part
+        contract_by_layer(s1, s2)
     if direct:
-        part = contract(xp, jac1, jac2, axes, (x1.shape[0], *out_shape), (n2, *out_shape))
+        contract_by_layer(jac1, jac2)
+    if layer_of is not None:
+        return parts
+    total = None
+    for part in parts.values():
         total = part if total is None else total + part
     return total

@@ -39,6 +39,10 @@ def _forward(case: str, consts: dict):
             for name in ("l1", "l2", "l3"):
                 x = jax.nn.relu(_dense(p, name, x))
             return _dense(p, "l4", x)
+    elif case == "wide":
+
+        def f(p, x):
+            return _dense(p, "l2", jax.nn.relu(_dense(p, "l1", x)))
     elif case == "cnn":
 
         def f(p, x):

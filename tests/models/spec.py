@@ -18,6 +18,8 @@ Cases:
   Trainable: ``l1.*``, ``bn.gamma``, ``bn.beta``, ``l3.*``; constants: ``bn.mean``,
   ``bn.var``, ``l2.*``.
 - ``multi_output``: dense 5 → 8 → tanh → dense 8 → 6 → reshape to (3, 2): output (N, 3, 2).
+- ``wide`` (analysis tests only, not in ``CASES``): 6 → 512 → 3, ReLU, the width at which
+  gradient-descent training stays close to its linearisation.
 - ``transformer``: a pre-LayerNorm block over 4 token ids < 7: embedding table E (7 × 8);
   h = E[ids]; h = h + attention(LN1(h)) with 2 causal heads of width 4 (q, k, v and the output
   projection are dense 8 → 8 with bias; a head is 4 consecutive features; scores scaled by
@@ -110,6 +112,11 @@ def _transformer(rng: np.random.Generator) -> dict[str, np.ndarray]:
     return {**weights, **_dense(rng, "mlp1", 8, 16), **_dense(rng, "mlp2", 16, 8)}
 
 
+def _wide(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {**_dense(rng, "l1", 6, WIDE), **_dense(rng, "l2", WIDE, 3)}
+
+
+WIDE = 512
 _BUILDERS = {
     "mlp": ((6,), (3,), _mlp, ()),
     "cnn": ((8, 8, 2), (3,), _cnn, ()),
@@ -118,9 +125,11 @@ _BUILDERS = {
     "batchnorm_frozen": ((6,), (3,), _batchnorm_frozen, ("bn.mean", "bn.var", "l2.w", "l2.b")),
     "multi_output": ((5,), (3, 2), _multi_output, ()),
     "transformer": ((4,), (4, 7), _transformer, ()),
+    "wide": ((6,), (3,), _wide, ()),
 }
 _VOCABULARY = {"transformer": 7}
-CASES = tuple(_BUILDERS)
+ANALYSIS_CASES = ("wide",)  # built by every zoo, but not part of the per-case conformance grid
+CASES = tuple(name for name in _BUILDERS if name not in ANALYSIS_CASES)
 N1, N2 = 4, 3
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from . import Built
-from .spec import spec, structured_inputs
+from .spec import WIDE, spec, structured_inputs
 
 CAPABILITIES = frozenset({"structured"})
 DTYPES = {"float32": tf.float32, "float64": tf.float64}
@@ -53,6 +53,8 @@ def _layers(case: str, dtype: str) -> list:
     kw = {"dtype": dtype}
     if case == "mlp":
         return [*(L.Dense(8, activation="relu", name=n, **kw) for n in ("l1", "l2", "l3")), L.Dense(3, name="l4", **kw)]
+    if case == "wide":
+        return [L.Dense(WIDE, activation="relu", name="l1", **kw), L.Dense(3, name="l2", **kw)]
     if case == "cnn":
         return [
             L.ZeroPadding2D(1, **kw),

@@ -155,6 +155,8 @@ def _build_module(case: str) -> nn.Module:
             _linear(w["l1.w"], w["l1.b"]), norm, nn.ReLU(), frozen, nn.ReLU(), _linear(w["l3.w"], w["l3.b"])
         )
         return model.eval()
+    if case == "wide":
+        return nn.Sequential(_linear(w["l1.w"], w["l1.b"]), nn.ReLU(), _linear(w["l2.w"], w["l2.b"]))
     if case == "multi_output":
         return nn.Sequential(_linear(w["l1.w"], w["l1.b"]), nn.Tanh(), _linear(w["l2.w"], w["l2.b"]), Reshape(3, 2))
     if case == "transformer":

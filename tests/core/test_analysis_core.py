@@ -1,0 +1,111 @@
+"""The analysis tools with no framework: array-api-strict (proving the core uses only the
+array API) and numpy, checked against closed forms and explicit iteration.
+
+Float64 throughout; "exact" comparisons allow 1e-10 relative (6×6 eigendecompositions and
+solves round near 1e-15; the condition number here is about 1e2).
+"""
+
+from __future__ import annotations
+
+import math
+
+import array_api_strict as xp
+import numpy as np
+import pytest
+
+import ntkcore
+
+RTOL = 1e-10
+
+
+@pytest.fixture
+def problem():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(6, 6))
+    return a @ a.T, rng.normal(size=(6, 2)), rng.normal(size=(3, 6))
+
+
+def _close(a, b, rtol=RTOL):
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape
+    assert np.abs(a - b).max() <= rtol * max(np.abs(b).max(), 1.0)
+
+
+def test_predictions_stay_in_the_array_api(problem):
+    k, y, k_test = (xp.asarray(a) for a in problem)
+    result = ntkcore.gd_mse(k, y, [0.0, 2.0, math.inf], k_test_train=k_test, learning_rate=0.01)
+    assert isinstance(result.train, type(k)) and tuple(result.test.shape) == (3, 3, 2)
+    _close(result.train[2, ...], y)  # interpolation at t = ∞
+    _close(result.test[2, ...], ntkcore.kernel_regression(k, y, k_test))
+    assert isinstance(ntkcore.spectrum(k).eigenvalues, type(k))
+
+
+def test_gd_mse_matches_explicit_gradient_descent(problem):
+    k, y, k_test = problem
+    eta, steps = 0.01, 7
+    f, f_test = np.zeros_like(y), np.zeros((3, 2))
+    for _ in range(steps):  # the linearised model: f ← f − η Θ (f − y), and the test outputs alike
+        f, f_test = f - eta * k @ (f - y), f_test - eta * k_test @ (f - y)
+    result = ntkcore.gd_mse(k, y, steps, k_test_train=k_test, learning_rate=eta, discrete=True)
+    _close(result.train, f)
+    _close(result.test, f_test)
+    # gradient flow: f_t = y − exp(−ηΘt)(y − f0), by scipy's expm
+    from scipy.linalg import expm
+
+    flow = ntkcore.gd_mse(k, y, 3.0, learning_rate=eta, f0_train=np.ones_like(y))
+    _close(flow.train, y - expm(-eta * 3.0 * k) @ (y - 1.0), 1e-9)
+
+
+def test_ridge_and_full_kernels(problem):
+    k, y, k_test = problem
+    _close(ntkcore.kernel_regression(k, y, k_test, diag_reg=0.5), k_test @ np.linalg.solve(k + 0.5 * np.eye(6), y))
+    # a full kernel (N, N, O, O) = Θ ⊗ I_O gives the same predictions as the shared (N, N) one
+    full = np.einsum("ij,ab->ijab", k, np.eye(2))
+    full_test = np.einsum("ij,ab->ijab", k_test, np.eye(2))
+    _close(
+        ntkcore.gd_mse(full, y, 5.0, k_test_train=full_test, learning_rate=0.01).test,
+        ntkcore.gd_mse(k, y, 5.0, k_test_train=k_test, learning_rate=0.01).test,
+    )
+
+
+def test_spectrum_statistics(problem):
+    k, _, _ = problem
+    values = np.linalg.eigvalsh(k)
+    result = ntkcore.spectrum(k)
+    assert result.condition_number == pytest.approx(values[-1] / values[0])
+    p = values / values.sum()
+    assert result.effective_rank == pytest.approx(math.exp(-(p * np.log(p)).sum()))
+    assert ntkcore.spectrum(np.zeros((3, 3))).condition_number == math.inf
+    assert "λ_min" in str(result)
+
+
+def test_plots_return_figures(problem):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import ntkcore.plot
+
+    k, _, _ = problem
+    fig = ntkcore.plot.spectrum(k, label="random")
+    assert fig.axes and fig.axes[0].get_yscale() == "log"
+    assert len(ntkcore.plot.kernel(k).axes) == 2  # image and colour bar
+    full = np.einsum("ij,ab->ijab", k, np.eye(2))
+    assert ntkcore.plot.kernel(full).axes[0].images[0].get_array().shape == (12, 12)
+
+
+def test_argument_errors(problem):
+    k, y, _ = problem
+    with pytest.raises(ValueError, match="learning_rate must be positive"):
+        ntkcore.gd_mse(k, y, 1.0, learning_rate=0.0)
+    with pytest.raises(ValueError, match="t must be ≥ 0"):
+        ntkcore.gd_mse(k, y, [1.0, float("nan")])
+    with pytest.raises(ValueError, match="diag_reg must be ≥ 0"):
+        ntkcore.kernel_regression(k, y, diag_reg=-1.0)
+    with pytest.raises(ValueError, match='which must be "largest"'):
+        ntkcore.spectrum(k, k=2, which="top")
+    with pytest.raises(ValueError, match="k must be a positive number"):
+        ntkcore.spectrum(k, k=0)
+    with pytest.raises(ValueError, match="kernel_t has shape"):
+        ntkcore.drift(k, k[:3, :3])
+    with pytest.raises(TypeError, match="kernel must be an array"):
+        ntkcore.spectrum([[1.0]])
