@@ -164,7 +164,11 @@ def _dask(executor: Any, fn: Any, out: Any, store: Any) -> Callable:
             "axes": axes,
             "out_shape": out_shape,
         }
-        [shared] = client.scatter([payload], broadcast=True)  # once per worker, not per tile
+        # pickled here, whole: Dask's own serialisation walks into containers and rebuilds a torch
+        # module's hook OrderedDicts as dicts, on which the layer capture cannot register hooks
+        import cloudpickle
+
+        [shared] = client.scatter([cloudpickle.dumps(payload)], broadcast=True)  # once per worker
         futures = {client.submit(_dask_tile, shared, tile, pure=False): tile for tile in todo}
         try:
             for future in as_completed(futures):
@@ -179,18 +183,21 @@ def _dask(executor: Any, fn: Any, out: Any, store: Any) -> Callable:
 _WORKER: dict = {}  # on a Dask worker: the payload's kernel function, inputs and store
 
 
-def _dask_tile(payload: dict, tile: Tile) -> Any:
+def _dask_tile(blob: bytes, tile: Tile) -> Any:
     """One tile on a Dask worker; the kernel function, inputs and store are set up once per
-    worker and payload (the scattered payload is one object per worker)."""
+    worker and payload (the scattered, pickled payload is one object per worker)."""
+    import pickle
+
     from .api import KernelFn
 
-    if _WORKER.get("payload") is not payload:
+    if _WORKER.get("blob") is not blob:
+        payload = pickle.loads(blob)
         fn = KernelFn(**payload["fn"])
         x1, x2, _, _ = fn._resolve(payload["x1"], payload["x2"])
         store = None if payload["out"] is None else KernelStore.reopen(payload["out"], *payload["store"])
         _WORKER.clear()
-        _WORKER.update(payload=payload, fn=fn, x1=x1, x2=x2, store=store)
-    fn, store = _WORKER["fn"], _WORKER["store"]
+        _WORKER.update(blob=blob, payload=payload, fn=fn, x1=x1, x2=x2, store=store)
+    fn, store, payload = _WORKER["fn"], _WORKER["store"], _WORKER["payload"]
     block = fn._untiled(*_tile_inputs(_WORKER["x1"], _WORKER["x2"], tile), payload["out_shape"], payload["axes"])
     block = fn._backend.to_numpy(block)
     if store is None:

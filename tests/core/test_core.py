@@ -42,8 +42,12 @@ m = ntkcore.flatten(ntkcore.ntk_from_jacobians(jac, output_ndim=2))
 model = FDModel(lambda p, x: np.tanh(x @ p["w"]), {"w": rng.normal(size=(4, 2))})
 kernel = ntkcore.ntk(model, rng.normal(size=(3, 4)), implementation="ntk_vector_products")
 gp = ntkcore.nngp(model, rng.normal(size=(3, 4)))
+import ntkcore.plot  # the analysis tools too: operator, Lanczos, predictions, plots
+op = ntkcore.ntk_operator(model, rng.normal(size=(3, 4)))
+assert ntkcore.spectrum(op, k=1).lambda_max > 0
+ntkcore.gd_mse(m, rng.normal(size=(6, 1)), 1.0)
 loaded = sorted(name for name in sys.modules if name.split(".")[0] in FRAMEWORKS)
-print(json.dumps({"loaded": loaded, "shapes": [k.shape, m.shape, kernel.shape, gp.shape],
+print(json.dumps({"loaded": loaded, "shapes": [k.shape, m.shape, kernel.shape, gp.shape, op.shape],
                   "type": type(kernel).__module__}))
 """
 
@@ -55,7 +59,7 @@ def test_import_and_numpy_path_pull_in_no_framework():
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["loaded"] == [], f"importing/using ntkcore imported {result['loaded']}"
-    assert result["shapes"] == [[3, 3], [6, 6], [3, 3, 2, 2], [3, 3, 2, 2]]
+    assert result["shapes"] == [[3, 3], [6, 6], [3, 3, 2, 2], [3, 3, 2, 2], [6, 6]]
     assert result["type"] == "numpy"
 
 

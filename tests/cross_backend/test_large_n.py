@@ -76,6 +76,13 @@ def test_dask_cluster_losing_a_worker(tmp_path):
         in_memory = ntkcore.ntk(slow_torch.model, slow_torch.x, batch_size=6, executor=client)
         assert isinstance(in_memory, torch.Tensor)
         np.testing.assert_allclose(in_memory.numpy(), expected, rtol=1e-12, atol=1e-12 * np.abs(expected).max())
+        # structured derivatives capture the model's layers on the workers: the model must arrive
+        # whole, not rebuilt by Dask's serialisation (which broke torch's hook registration and
+        # left "auto" choosing without structured derivatives)
+        structured = ntkcore.ntk(
+            slow_torch.model, slow_torch.x, batch_size=6, executor=client, implementation="structured"
+        )
+        np.testing.assert_allclose(structured.numpy(), expected, rtol=1e-12, atol=1e-12 * np.abs(expected).max())
 
         out = tmp_path / "kernel.zarr"
         result: dict = {}
