@@ -30,7 +30,7 @@ class NTKOperator:
         x, _, out_shape, axes = fn._resolve(x, None)
         if axes.diagonal:
             raise ValueError("ntk_operator: diagonal_axes are not supported; the operator is Θ(x, x) as a matrix")
-        self._fn, self._x = fn, x
+        self._x = x
         self._backend, self._prepared = fn.backend, fn._prepared
         self._out_shape = out_shape
         self._kept = [a - 1 for a in axes.kept if a != 0]  # axes of the per-example output

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .spectra import Spectrum, square_matrix
+from .spectra import Spectrum, square_matrix, to_host
 from .spectra import spectrum as _spectrum
 
 
@@ -20,13 +20,6 @@ def _pyplot() -> Any:
     except ImportError:
         raise ImportError("ntkcore.plot needs matplotlib: pip install 'ntkcore[plot]'") from None
     return plt
-
-
-def _numpy(a: Any) -> np.ndarray:
-    try:
-        return np.asarray(a)
-    except Exception:  # a CUDA tensor
-        return np.asarray(a.cpu())
 
 
 def _axes(ax: Any) -> tuple[Any, Any]:
@@ -40,7 +33,7 @@ def spectrum(kernel: Any, *, ax: Any = None, label: str | None = None) -> Any:
     number in the title. ``kernel``: a kernel (as :func:`ntkcore.spectrum` takes) or a
     :class:`~ntkcore.spectra.Spectrum`."""
     result = kernel if isinstance(kernel, Spectrum) else _spectrum(kernel)
-    values = np.sort(_numpy(result.eigenvalues).reshape(-1))[::-1]
+    values = np.sort(to_host(result.eigenvalues).reshape(-1))[::-1]
     fig, ax = _axes(ax)
     positive = values > 0
     ax.semilogy(np.arange(1, len(values) + 1)[positive], values[positive], marker=".", label=label)
@@ -61,7 +54,7 @@ def kernel(kernel: Any, *, ax: Any = None, cmap: str = "viridis") -> Any:
     """The kernel as an image (flattened to (N1·O, N2·O) when it has output axes)."""
     _, matrix = square_matrix(kernel) if len(kernel.shape) != 2 else (None, kernel)
     fig, ax = _axes(ax)
-    image = ax.imshow(_numpy(matrix), cmap=cmap, interpolation="nearest")
+    image = ax.imshow(to_host(matrix), cmap=cmap, interpolation="nearest")
     fig.colorbar(image, ax=ax)
     ax.set_xlabel("x2 (example, output)")
     ax.set_ylabel("x1 (example, output)")

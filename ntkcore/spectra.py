@@ -48,7 +48,7 @@ class Spectrum:
     def effective_rank(self) -> float | None:
         if self.trace is None:
             return None
-        values = [max(float(v), 0.0) for v in _host(self.eigenvalues)]
+        values = [max(float(v), 0.0) for v in to_host(self.eigenvalues).reshape(-1).tolist()]
         total = sum(values)
         if total <= 0:
             return 0.0
@@ -65,13 +65,14 @@ class Spectrum:
         )
 
 
-def _host(a: Any) -> list[float]:
+def to_host(a: Any) -> Any:
+    """A numpy copy of an array of any framework (a CUDA tensor through ``.cpu()``)."""
     import numpy as np
 
     try:
-        return np.asarray(a).reshape(-1).tolist()
-    except Exception:  # a framework array numpy cannot read directly (a CUDA tensor)
-        return np.asarray(a.cpu()).reshape(-1).tolist()
+        return np.asarray(a)
+    except Exception:  # a framework array numpy cannot read directly
+        return np.asarray(a.cpu())
 
 
 def square_matrix(kernel: Any, name: str = "kernel") -> tuple[Any, Any]:
