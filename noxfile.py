@@ -1,4 +1,4 @@
-"""nox sessions: one test environment per framework, all three together, none, lint, demo, bench.
+"""nox sessions: one test environment per framework, all three together, none, lint, demo, examples, bench.
 
 ``nox`` (no arguments) runs every test session and lint: the README's test command and CI.
 Installs use pip, which finds the local torch 2.13.0 CPU wheel (uv does not look there).
@@ -71,6 +71,13 @@ def demo(session: nox.Session) -> None:
     """The main job: ``ntkcore demo`` with every framework."""
     _install(session, "all")
     session.run("ntkcore", "demo", *session.posargs, env=ENV)
+
+
+@nox.session
+def examples(session: nox.Session) -> None:
+    """The examples, with every framework: they write their tables and plots under examples/results."""
+    _install(session, "all")
+    session.run("python", "examples/dimensionality_reduction.py", *session.posargs, env=ENV)
 
 
 @nox.session(name="bench-anchor", default=False)

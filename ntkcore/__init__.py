@@ -7,6 +7,7 @@ The core imports no framework: the adapter for a call is chosen from the model a
 from .api import KernelFn, StructuredFallbackWarning, explain, flatten, nngp, ntk, ntk_fn, ntk_from_jacobians
 from .axes import KernelAxes
 from .explain import Explanation, MemoryBudgetError
+from .factorize import factorize
 from .implementation import Implementation
 from .linearized import Linearized, linearize
 from .operators import NTKOperator, ntk_operator
@@ -33,6 +34,7 @@ __all__ = [
     "alignment",
     "drift",
     "explain",
+    "factorize",
     "flatten",
     "gd_mse",
     "get_backend",

@@ -93,7 +93,9 @@ class AutodiffBackend(Protocol):
     tangents and cotangents are parameter maps with the same keys. Optional:
     ``memory_available(like) -> int | None``, the free bytes of the accelerator holding
     ``like`` (``None`` on a CPU, where the core reads host RAM): the default memory budget of
-    ``implementation="auto"``.
+    ``implementation="auto"``. ``dense_layers(model, params)`` and ``factorized(model, params,
+    factors)``: the dense layers of a model and a copy with some replaced by ntkcore's factorized
+    layer, for :func:`ntkcore.factorize`.
     """
 
     name: str

@@ -145,7 +145,8 @@ class JaxBackend:
             raise TypeError(f"model must be a function f(params, x) for the JAX backend, got {type(model).__name__}")
         if params is None:
             raise TypeError("params= is required for a JAX function model f(params, x): pass its parameter pytree")
-        if _flax_module(model) is not None and isinstance(params, Mapping) and "params" in params:
+        flax = _flax_module(model) is not None or getattr(model, "_ntkcore_flax", False)  # or factorized from one
+        if flax and isinstance(params, Mapping) and "params" in params:
             # flax variables: only the "params" collection is trainable (batch_stats etc. are state)
             def trainable(path: tuple, leaf: Any) -> bool:
                 return _path_name(path[:1]) == "params" and _is_trainable_leaf(leaf)
@@ -217,6 +218,18 @@ class JaxBackend:
         if "bytes_limit" not in stats:
             return None
         return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+
+    def dense_layers(self, model: Any, params: Any) -> dict:
+        """Name -> ((in, out) float64 weight, trainable) of the dense layers ``factorize`` can replace."""
+        from .factorize import dense_layers
+
+        return dense_layers(model, params)
+
+    def factorized(self, model: Any, params: Any, factors: Mapping[str, Any]) -> Any:
+        """The model with the named dense layers replaced by ntkcore's factorized layer."""
+        from .factorize import factorized
+
+        return factorized(model, params, factors)
 
     def capture(self, prepared: PreparedModel, x: Any) -> Capture:
         from .capture import capture

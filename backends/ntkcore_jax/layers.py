@@ -15,8 +15,8 @@ def factorized_dense_init(
 
     U and V are scaled so that U·V has the variance of a LeCun-initialised (in, out) matrix.
     """
-    if not 0 < rank <= min(in_features, out_features):
-        raise ValueError(f"rank must be in 1..{min(in_features, out_features)}, got {rank}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
     ku, kv = jax.random.split(key)
     params = {
         "u": jax.random.normal(ku, (in_features, rank), dtype) / jnp.sqrt(in_features),

@@ -262,6 +262,18 @@ class TensorFlowBackend:
     def jit(self, fn: Callable) -> Callable:
         return tf.function(fn, autograph=False)
 
+    def dense_layers(self, model: Any, params: Any) -> dict:
+        """Name -> ((in, out) float64 weight, trainable) of the dense layers ``factorize`` can replace."""
+        from .factorize import dense_layers
+
+        return dense_layers(model, params)
+
+    def factorized(self, model: Any, params: Any, factors: Mapping[str, Any]) -> Any:
+        """The model with the named dense layers replaced by ntkcore's factorized layer."""
+        from .factorize import factorized
+
+        return factorized(model, params, factors)
+
     def capture(self, prepared: PreparedModel, x: Any) -> Capture:
         from .capture import capture
 

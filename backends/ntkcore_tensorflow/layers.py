@@ -16,15 +16,13 @@ class FactorizedDense(keras.layers.Layer):
 
     def __init__(self, units: int, rank: int, activation: Any = None, use_bias: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if rank < 1:
-            raise ValueError(f"rank must be a positive integer, got {rank}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be a positive integer, got {rank!r}")
         self.units, self.rank = units, rank
         self.u = keras.layers.Dense(rank, use_bias=False, name="u", dtype=self.dtype_policy)
         self.v = keras.layers.Dense(units, activation=activation, use_bias=use_bias, name="v", dtype=self.dtype_policy)
 
     def build(self, input_shape: Any) -> None:
-        if self.rank > min(input_shape[-1], self.units):
-            raise ValueError(f"rank must be in 1..{min(input_shape[-1], self.units)}, got {self.rank}")
         self.u.build(input_shape)
         self.v.build((*input_shape[:-1], self.rank))
 

@@ -6,17 +6,21 @@ import json
 import subprocess
 import sys
 
-# (the caller's code, then the ntkcore call): frameworks imported by the first (Keras imports
+# (the caller's code, then the ntkcore calls): frameworks imported by the first (Keras imports
 # JAX when it is installed) are the caller's; the second may add none.
 SNIPPETS = {
-    "torch": ("import torch\nm = torch.nn.Linear(3, 2)", "k = ntkcore.ntk(m, torch.ones(2, 3))"),
+    "torch": (
+        "import torch\nm = torch.nn.Linear(3, 2)",
+        "k = ntkcore.ntk(m, torch.ones(2, 3))\nntkcore.factorize(m, 1)",
+    ),
     "jax": (
         "import jax.numpy as jnp",
-        "k = ntkcore.ntk(lambda p, x: x @ p, jnp.ones((2, 3)), params=jnp.ones((3, 2)))",
+        "k = ntkcore.ntk(lambda p, x: x @ p, jnp.ones((2, 3)), params=jnp.ones((3, 2)))\n"
+        "ntkcore.factorize(lambda p, x: x @ p, 1, params=jnp.ones((3, 2)))",
     ),
     "tensorflow": (
         "import keras\nm = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])",
-        "k = ntkcore.ntk(m, np.ones((2, 3)))",
+        "k = ntkcore.ntk(m, np.ones((2, 3)))\nntkcore.factorize(m, 1)",
     ),
 }
 OTHERS = {

@@ -123,3 +123,66 @@ def test_weight_used_as_is_and_transposed(jax_zoo):
         kernel = ntkcore.ntk(f, x1, x2, params=params, implementation="structured")
     expected = ntkcore.ntk(f, x1, x2, params=params, implementation="jacobian_contraction")
     np.testing.assert_allclose(np.asarray(kernel), np.asarray(expected), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flax") is None, reason="flax not installed")
+def test_factorize_flax_apply_keeps_batch_stats_constant(jax_zoo):
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.BatchNorm(use_running_average=True, param_dtype=jnp.float64)(
+                nn.Dense(16, param_dtype=jnp.float64)(x)
+            )
+            return nn.Dense(3, param_dtype=jnp.float64)(jax.nn.relu(x))
+
+    net = Net()
+    x = jnp.asarray(inputs("mlp")[0])
+    variables = jax.tree_util.tree_map(lambda a: a + 0.1, net.init(jax.random.PRNGKey(0), x))
+    assert set(ntkcore.get_backend("jax").dense_layers(net.apply, variables)) == {
+        "params.Dense_0.kernel",
+        "params.Dense_1.kernel",
+    }
+    # V fixed at rank = out: the same function and kernel
+    apply, params = ntkcore.factorize(
+        net.apply, {"params.Dense_0.kernel": 16}, params=variables, layers=["params.Dense_0.kernel"], trainable="u"
+    )
+    assert params["params"]["Dense_0"]["kernel"]["u"].shape == (6, 16)
+    np.testing.assert_allclose(apply(params, x), net.apply(variables, x), rtol=1e-12, atol=1e-12)
+    k0, k1 = ntkcore.ntk(net.apply, x, params=variables), ntkcore.ntk(apply, x, params=params)
+    np.testing.assert_allclose(k1, k0, rtol=1e-9, atol=1e-9 * float(jnp.abs(k0).max()))
+    trained = list(ntkcore.get_backend("jax").prepare(apply, params).params)
+    assert "params.Dense_0.kernel.u" in trained and not any(n.startswith("batch_stats") for n in trained)
+
+
+def test_factorize_rewrites_every_use_of_the_weight(jax_zoo):
+    """x·Wᵀ and W·h become two products through the rank; another use (a mean) gets U·V."""
+    import warnings
+
+    import jax.numpy as jnp
+
+    def f(p, x):
+        h = jnp.tanh(x @ p["a"].T)  # a is (out, in): contracted on its axis 1
+        return (p["b"] @ h.T).T * jnp.mean(p["c"]) + h[:, :2] @ p["c"]
+
+    rng = np.random.default_rng(1)
+    params = {k: jnp.asarray(rng.normal(size=s)) for k, s in (("a", (7, 5)), ("b", (3, 7)), ("c", (2, 3)))}
+    x = jnp.asarray(rng.normal(size=(4, 5)))
+    apply, new = ntkcore.factorize(f, {"a": 5, "b": 3, "c": 2}, params=params, layers=["a", "b", "c"])
+    np.testing.assert_allclose(apply(new, x), f(params, x), rtol=1e-12, atol=1e-12)
+    assert {k: (v["u"].shape, v["v"].shape) for k, v in new.items()} == {
+        "a": ((7, 5), (5, 5)),
+        "b": ((3, 3), (3, 7)),
+        "c": ((2, 2), (2, 3)),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ntkcore.StructuredFallbackWarning)  # c's mean: the exact fallback
+        structured = ntkcore.ntk(apply, x, params=new, implementation="structured")
+    expected = ntkcore.ntk(apply, x, params=new, implementation="jacobian_contraction")
+    np.testing.assert_allclose(np.asarray(structured), np.asarray(expected), rtol=1e-10, atol=1e-12)
+    # the dense products are dense layers of the factors: U and V of a and b take the dense rule
+    layers = {layer.name: layer.rule for layer in ntkcore.explain(apply, x, params=new).layers}
+    assert all(layers[name].startswith("dense rule") for name in ("a.u", "a.v", "b.u", "b.v")), layers

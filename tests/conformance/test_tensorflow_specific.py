@@ -79,3 +79,23 @@ def test_embedding_subclass_with_its_own_call_falls_back(keras):
         kernel = ntkcore.ntk(model, x1, x2, implementation="structured")
     expected = ntkcore.ntk(model, x1, x2, implementation="jacobian_contraction")
     np.testing.assert_allclose(np.asarray(kernel), np.asarray(expected), rtol=1e-10, atol=1e-12)
+
+
+def test_factorize_refuses_subclassed_and_unbuilt_models(keras):
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(4)
+
+        def call(self, x):
+            return self.dense(x)
+
+    net = Net()
+    net(np.ones((1, 6)))
+    with pytest.raises(TypeError, match="factorize supports Sequential and functional models"):
+        ntkcore.factorize(net, 2)
+    unbuilt = keras.Sequential([keras.layers.Dense(4)])
+    with pytest.raises(ValueError, match="build the Keras model"):
+        ntkcore.factorize(unbuilt, 2)
+    with pytest.raises(ValueError, match="params= is not used to factorize a Keras model"):
+        ntkcore.factorize(keras.Sequential([keras.Input((6,)), keras.layers.Dense(4)]), 2, params={})

@@ -123,3 +123,14 @@ def test_subclass_that_overrides_forward_falls_back(torch):
         kernel = ntkcore.ntk(model, x1, x2, implementation="structured")
     expected = ntkcore.ntk(model, x1, x2, implementation="jacobian_contraction")
     np.testing.assert_allclose(kernel.numpy(), expected.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_factorize_keeps_device_dtype_mode_and_frozen_flags(torch):
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).double().eval()
+    model[2].bias.requires_grad_(False)
+    new = ntkcore.factorize(model, 2, layers=["0", "2"])
+    assert not new.training and new[2].v.bias.dtype == torch.float64
+    assert not new[2].v.bias.requires_grad and new[2].u.weight.requires_grad and new[2].v.weight.requires_grad
+    assert model[0].__class__ is torch.nn.Linear  # the original is untouched
+    with pytest.raises(ValueError, match="params= is not used to factorize a torch module"):
+        ntkcore.factorize(model, 2, params={})

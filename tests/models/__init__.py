@@ -7,6 +7,7 @@ Each framework module exposes the same functions:
 - ``to_native(x, dtype)`` / ``to_numpy(a)``: array conversion;
 - ``reference_jacobians(case, x)``: float64 full-batch Jacobians ``name -> (N, *out, P)``
   from the framework's own jacobian function, independent of ntkcore's algorithms;
+- ``linear(w, b) -> Built``: one float64 dense layer x·w + b, for closed-form checks;
 - ``is_native(a, dtype)``, ``forward(built, x)``, ``freeze(built)`` (no trainable parameter),
   ``train_mode_batchnorm`` (or ``None`` where a framework has no train/eval mode);
 - ``CAPABILITIES`` (known gaps as data, e.g. ``{"structured"}``), ``STRUCTURED_CASES`` with

@@ -280,3 +280,9 @@ def factorized_case() -> Built:
         return jax.nn.relu(factorized_dense_apply(p["f"], x)) @ p["w"]
 
     return Built(f, {"params": params})
+
+
+def linear(w: np.ndarray, b: np.ndarray) -> Built:
+    """One dense layer f(x) = x·w + b (w is (in, out)), float64."""
+    params = {"l": {"w": jnp.asarray(w, dtype=jnp.float64), "b": jnp.asarray(b, dtype=jnp.float64)}}
+    return Built(lambda p, x: _dense(p, "l", x), {"params": params})

@@ -248,3 +248,11 @@ def factorized_case() -> Built:
     keras.utils.set_random_seed(0)
     layers = [FactorizedDense(8, rank=2, activation="relu", dtype="float64"), keras.layers.Dense(3, dtype="float64")]
     return Built(keras.Sequential([keras.Input((6,), dtype="float64"), *layers]))
+
+
+def linear(w: np.ndarray, b: np.ndarray) -> Built:
+    """One dense layer f(x) = x·w + b (w is (in, out)), float64."""
+    layer = keras.layers.Dense(w.shape[1], name="l", dtype="float64")
+    model = keras.Sequential([keras.Input((w.shape[0],), dtype="float64"), layer])
+    model.layers[0].set_weights([w, b])
+    return Built(model, {})

@@ -361,3 +361,12 @@ def factorized_case() -> Built:
     torch.manual_seed(0)
     model = nn.Sequential(FactorizedLinear(6, 8, rank=2), nn.ReLU(), nn.Linear(8, 3))
     return Built(model.double())
+
+
+def linear(w: np.ndarray, b: np.ndarray) -> Built:
+    """One dense layer f(x) = x·w + b (w is (in, out)), float64."""
+    layer = nn.Linear(*w.shape, dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.copy_(torch.as_tensor(w.T))
+        layer.bias.copy_(torch.as_tensor(b))
+    return Built(layer)
