@@ -1,6 +1,6 @@
 """Fit the cost model's constants to a benchmark run, and report how ``"auto"`` chooses.
 
-    python -m benchmarks.calibrate [--results benchmarks/results/bench.json] [--write]
+    python -m benchmarks.calibrate [--results benchmarks/results/bench.json] [--update later.json] [--write]
 
 For every ntkcore measurement of the run (workloads and sweep points), the cost model's terms
 come from ``ntkcore.explain`` on the same model and inputs (nothing computed): layer calls,
@@ -187,14 +187,29 @@ def markdown(rows: list[dict], source: str, device: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.calibrate", description=__doc__.splitlines()[0])
     parser.add_argument("--results", default="benchmarks/results/bench.json", help="a run of python -m benchmarks")
+    parser.add_argument(
+        "--update",
+        action="append",
+        default=[],
+        help="a later run (after a change that affects some workloads only): its measurements replace the "
+        "run's for the same runner, backend, workload and implementation",
+    )
     parser.add_argument("--write", action="store_true", help="store the constants and the RESULTS.md table")
     parser.add_argument("--calibration", default="ntkcore/calibration.json")
     parser.add_argument("--report", default="benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
     run = json.loads(Path(args.results).read_text())
-    constants, rows = calibrate(collect(run["results"]))
-    devices = sorted({key.split("/")[1] for key in constants})
+    results = run["results"]
     source = f"`{args.results}` ({run['meta']['date']}, {run['meta']['machine']})"
+    for path in args.update:
+        later = json.loads(Path(path).read_text())
+        key = lambda r: (r["runner"], r["backend"], r["workload"], r["implementation"], r.get("sweep"))  # noqa: E731
+        replaced = {key(r) for r in later["results"]}
+        results = [r for r in results if key(r) not in replaced] + later["results"]
+        rows = sorted({f"{r['workload']} ({r['backend']})" for r in later["results"]})
+        source += f", with {', '.join(rows)} from `{path}` ({later['meta']['date']})"
+    constants, rows = calibrate(collect(results))
+    devices = sorted({key.split("/")[1] for key in constants})
     texts = {d: markdown([r for r in rows if f"{r['backend']}/{d}" in constants], source, d) for d in devices}
     print("\n".join(texts.values()))
     if args.write:
@@ -208,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         sources = data.get("source", {})
         sources = sources if isinstance(sources, dict) else {"cpu": sources}  # files written before GPU runs
         for device in devices:
-            sources[device] = f"fitted by python -m benchmarks.calibrate to {args.results} of {run['meta']['date']}"
+            sources[device] = f"fitted by python -m benchmarks.calibrate to {source}"
         data["source"] = sources
         path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         for device, text in texts.items():

@@ -73,16 +73,19 @@ class TorchBackend:
                     f"model: {type(module).__name__} {name!r} is in training mode, so f is random and has "
                     "no well-defined kernel; call model.eval() first"
                 )
+        from .capture import attention_modules, plain_attention
+
         theta = _trainable(model, params)
         coupling = _batch_coupling(model)
         buffers = dict(model.named_buffers()) if coupling else {}
+        attention = attention_modules(model)
 
         def apply(p: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
             # Train-mode BatchNorm updates its running statistics in place: give it fresh copies,
             # so the kernel has no side effect on the model and the transforms see no mutation
             # of a captured tensor.
             fresh = {name: b.clone() for name, b in buffers.items()}
-            with _differentiable_kernels():
+            with _differentiable_kernels(), plain_attention(attention):
                 return torch.func.functional_call(model, {**fresh, **p}, (x,))
 
         has_embedding = any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in model.modules())
