@@ -44,7 +44,7 @@ def _dot(eqn: Any, invals: list, index: int) -> Any:
     first, second = (w.u, w.v) if contracted[0] == 0 else (w.v, w.u.T)
     args = list(invals)
     args[index] = first
-    h = jax.lax.dot_general(*args, **eqn.params)
+    h = eqn.primitive.bind(*args, **eqn.primitive.get_bind_params(eqn.params))  # the same product, now to rank
     options = {k: eqn.params[k] for k in ("precision", "preferred_element_type") if k in eqn.params}
     if index == 1:  # the rank axis is h's last
         return jax.lax.dot_general(h, second, (((h.ndim - 1,), (0,)), ((), ())), **options)

@@ -12,14 +12,9 @@ from .layers import FactorizedDense
 
 
 def _dense(model: Any) -> dict[str, Any]:
-    from . import _sublayers
-
-    inner = {id(d) for f in _sublayers(model) if isinstance(f, FactorizedDense) for d in (f.u, f.v)}
-    return {
-        layer.name: layer
-        for layer in _sublayers(model)
-        if isinstance(layer, keras.layers.Dense) and id(layer) not in inner
-    }
+    """The model's own ``Dense`` layers (``clone_model`` swaps top-level layers, not those of
+    nested models)."""
+    return {layer.name: layer for layer in model.layers if type(layer) is keras.layers.Dense}
 
 
 def dense_layers(model: Any, params: Any) -> dict[str, tuple[np.ndarray, bool]]:
@@ -61,6 +56,8 @@ def factorized(model: Any, params: Any, factors: Mapping[str, Any]) -> Any:
         f = factors.get(a.name)
         if f is None:
             b.set_weights(a.get_weights())
+            for va, vb in zip(a.weights, b.weights):  # a variable frozen on its own stays frozen
+                vb.trainable = va.trainable
             continue
         b.u.kernel.assign(f.u.astype(b.u.kernel.dtype))
         b.v.kernel.assign(f.v.astype(b.v.kernel.dtype))

@@ -14,9 +14,16 @@ from .layers import FactorizedLinear
 
 
 def _linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """The model's ``nn.Linear`` modules by path, not those already inside a factorized layer."""
-    inner = {id(m) for f in model.modules() if isinstance(f, FactorizedLinear) for m in (f.u, f.v)}
-    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in inner}
+    """The model's ``nn.Linear`` modules by path that may be swapped: running ``Linear``'s own
+    forward, not inside a factorized layer, and not an attention's output projection (whose
+    weight the attention reads directly)."""
+    owned = {id(m) for f in model.modules() if isinstance(f, FactorizedLinear) for m in (f.u, f.v)}
+    owned |= {id(a.out_proj) for a in model.modules() if isinstance(a, nn.MultiheadAttention)}
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward and id(m) not in owned
+    }
 
 
 def dense_layers(model: Any, params: Any) -> dict[str, tuple[np.ndarray, bool]]:

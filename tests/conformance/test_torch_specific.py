@@ -134,3 +134,14 @@ def test_factorize_keeps_device_dtype_mode_and_frozen_flags(torch):
     assert model[0].__class__ is torch.nn.Linear  # the original is untouched
     with pytest.raises(ValueError, match="params= is not used to factorize a torch module"):
         ntkcore.factorize(model, 2, params={})
+
+
+def test_factorize_leaves_attention_projections_alone(torch):
+    from tests.models import torch_models
+
+    model = torch_models.build("transformer", "float64").model
+    dense = ntkcore.get_backend("torch").dense_layers(model, None)
+    assert dense and not any("out_proj" in name for name in dense)  # MHA reads out_proj.weight itself
+    new = ntkcore.factorize(model, 2)
+    x = torch.as_tensor(np.random.default_rng(0).integers(0, 7, size=(3, 4)))
+    assert new(x).shape == model(x).shape
