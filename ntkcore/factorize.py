@@ -70,9 +70,8 @@ def max_rank(shape: tuple[int, int], trainable: str) -> int:
     return shape[1] if trainable == "u" else min(shape)
 
 
-def _ranks(
-    shapes: Mapping[str, tuple[int, int]], weights: Mapping[str, np.ndarray], rank: Any, energy: Any, trainable: str
-) -> dict:
+def _ranks(weights: Mapping[str, np.ndarray], rank: Any, energy: Any, trainable: str) -> dict:
+    shapes = {name: w.shape for name, w in weights.items()}
     if (rank is None) == (energy is None):
         raise ValueError("factorize needs exactly one of rank= (an int, or layer name -> int) or energy= (0 < e <= 1)")
     if energy is not None:
@@ -139,7 +138,7 @@ def factorize(
         raise NotImplementedError(f"the {adapter.name} backend cannot factorize models")
     found = dense(model, params)  # name -> (in, out) float64 weight, trainable ones first-class
     if layers is None:  # trainable weights; with one int rank, those it would reduce
-        chosen = [name for name, (w, is_trainable) in found.items() if is_trainable]
+        chosen = [name for name, (_, is_trainable) in found.items() if is_trainable]
         if isinstance(rank, (int, np.integer)) and not isinstance(rank, bool):
             chosen = [name for name in chosen if rank < max_rank(found[name][0].shape, trainable)]
         if not chosen:
@@ -155,7 +154,7 @@ def factorize(
                 f"layers= {unknown or chosen} are not dense layers of the model; its dense layers: {list(found)}"
             )
     weights = {name: found[name][0] for name in chosen}
-    ranks = _ranks({name: w.shape for name, w in weights.items()}, weights, rank, energy, trainable)
+    ranks = _ranks(weights, rank, energy, trainable)
     rng = np.random.default_rng(seed)
     factors = {
         name: svd_factors(w, ranks[name]) if trainable == "both" else projection_factors(w, ranks[name], rng)
