@@ -6,6 +6,7 @@ Installs use pip, which finds the local torch 2.13.0 CPU wheel (uv does not look
 
 from __future__ import annotations
 
+import runpy
 import shlex
 from pathlib import Path
 
@@ -16,11 +17,11 @@ nox.options.sessions = ["core", "tests", "cross", "lint"]
 nox.options.error_on_missing_interpreters = True
 
 PYPROJECT = nox.project.load_toml("pyproject.toml")
+# The one list of backends (ntkcore/builtin_backends.py, read without installing ntkcore):
+# backend -> (its extra, its optional test group "test-<backend>-extras" where pyproject has one)
 BACKENDS = {
-    # backend -> (extras to install, extra dependency groups)
-    "jax": ("jax", ("test-jax-extras",)),
-    "torch": ("torch", ()),
-    "tensorflow": ("tensorflow", ()),
+    name: (name, tuple(g for g in (f"test-{name}-extras",) if g in PYPROJECT["dependency-groups"]))
+    for name in runpy.run_path("ntkcore/builtin_backends.py")["BUILTIN"]
 }
 ENV = {"PYTHONHASHSEED": "0", "TF_CPP_MIN_LOG_LEVEL": "2"}
 # neural-tangents 0.6.5 and what it works with (newer JAX breaks its import or its structured derivatives).
@@ -47,7 +48,7 @@ def cross(session: nox.Session) -> None:
     """All three frameworks in one environment: the cross-framework agreement tests."""
     _install(session, "all", "test", "bench")
     session.run(
-        "pytest", "--backend=torch,jax,tensorflow", "tests/cross_backend", "tests/core", *session.posargs, env=ENV
+        "pytest", f"--backend={','.join(BACKENDS)}", "tests/cross_backend", "tests/core", *session.posargs, env=ENV
     )
 
 

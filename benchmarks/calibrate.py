@@ -32,9 +32,11 @@ from benchmarks import report
 from benchmarks.child import _to_framework
 from benchmarks.workloads import ALL, WORKLOADS, build, inputs, weights
 from ntkcore.cost_model import device_class
+from ntkcore.implementations import REGISTRY
 
-METHODS = ("jacobian_contraction", "ntk_vector_products", "structured")
-SHORT = {"jacobian_contraction": "JC", "ntk_vector_products": "NVP", "structured": "SD"}
+METHODS = tuple(REGISTRY)
+SHORT = {name: method.label for name, method in REGISTRY.items()}
+K = len(METHODS)
 
 
 def markers(device: str) -> tuple[str, str]:
@@ -63,14 +65,14 @@ def features(backend: str, workload: str) -> dict[str, dict]:
 
 
 def _row(method: str, terms: dict) -> np.ndarray:
-    """The regression row: [overhead ×3, layer calls ×3, pass FLOPs ×3, contraction FLOPs, bytes]."""
-    row = np.zeros(11)
+    """The regression row: [overhead ×K, layer calls ×K, pass FLOPs ×K, contraction FLOPs, bytes]."""
+    row = np.zeros(3 * K + 2)
     i = METHODS.index(method)
     row[i] = 1.0
-    row[3 + i] = terms["layers"]
-    row[6 + i] = terms["passes"]
-    row[9] = terms["contraction"]
-    row[10] = terms["traffic"]
+    row[K + i] = terms["layers"]
+    row[2 * K + i] = terms["passes"]
+    row[3 * K] = terms["contraction"]
+    row[3 * K + 1] = terms["traffic"]
     return row
 
 
@@ -83,10 +85,10 @@ def fit(points: list[tuple[str, dict, float]]) -> dict:
     rate = lambda c: min(MAX_RATE, 1.0 / c) if c > 0 else MAX_RATE  # noqa: E731
     return {
         "overhead_s": {m: float(coef[i]) for i, m in enumerate(METHODS)},
-        "per_layer_s": {m: float(coef[3 + i]) for i, m in enumerate(METHODS)},
-        "pass_flops_per_s": {m: float(rate(coef[6 + i])) for i, m in enumerate(METHODS)},
-        "matmul_flops_per_s": float(rate(coef[9])),
-        "bytes_per_s": float(rate(coef[10])),
+        "per_layer_s": {m: float(coef[K + i]) for i, m in enumerate(METHODS)},
+        "pass_flops_per_s": {m: float(rate(coef[2 * K + i])) for i, m in enumerate(METHODS)},
+        "matmul_flops_per_s": float(rate(coef[3 * K])),
+        "bytes_per_s": float(rate(coef[3 * K + 1])),
     }
 
 

@@ -32,9 +32,12 @@ from benchmarks.child import kernel_file
 from benchmarks.flops import flops, jacobian_bytes
 from benchmarks.report import describe
 from benchmarks.workloads import ALL, N_SWEEP, SMOKE, SMOKE_N, SMOKE_WIDTH, WIDTH_SWEEP, WORKLOADS, save
+from ntkcore.implementations import AUTO, REGISTRY
+from ntkcore.registry import BUILTIN
 
-IMPLEMENTATIONS = ("jacobian_contraction", "ntk_vector_products", "structured")
-BACKENDS = ("jax", "torch", "tensorflow")
+IMPLEMENTATIONS = tuple(REGISTRY)
+BACKENDS = tuple(BUILTIN)
+TORCH_FUNC = tuple(i for i in IMPLEMENTATIONS if not REGISTRY[i].uses_capture)  # what the torch.func baseline has
 # environment variables that change the frameworks' kernels; the report names those set
 PERFORMANCE_SETTINGS = ("TF_ENABLE_ONEDNN_OPTS", "XLA_FLAGS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 # A float32 kernel agrees with the float64 reference when max|K − K_ref| ≤ TOLERANCE · max|K_ref|.
@@ -45,8 +48,7 @@ TOLERANCE = 1e-3
 
 
 def installed(backends: list[str]) -> list[str]:
-    module = {"jax": "jax", "torch": "torch", "tensorflow": "tensorflow"}
-    return [b for b in backends if importlib.util.find_spec(module[b]) is not None]
+    return [b for b in backends if importlib.util.find_spec(BUILTIN[b][0]) is not None]
 
 
 class Harness:
@@ -122,7 +124,7 @@ class Harness:
             {"runner": "ntkcore", "backend": b, "implementation": i} for b in self.backends for i in IMPLEMENTATIONS
         ]
         if "torch" in self.backends and not self.args.no_anchors:
-            specs += [{"runner": "torch.func", "backend": "torch", "implementation": i} for i in IMPLEMENTATIONS[:2]]
+            specs += [{"runner": "torch.func", "backend": "torch", "implementation": i} for i in TORCH_FUNC]
         return specs
 
     def run(self) -> dict:
@@ -160,7 +162,7 @@ class Harness:
             if anchor:
                 specs += [
                     {"runner": "neural-tangents", "backend": "jax", "implementation": i}
-                    for i in (*IMPLEMENTATIONS, "auto")
+                    for i in (*IMPLEMENTATIONS, AUTO)
                 ]
             for spec in specs:
                 python = args.anchor_python if spec["runner"] == "neural-tangents" else sys.executable

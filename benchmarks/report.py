@@ -13,10 +13,11 @@ import numpy as np
 
 from benchmarks.flops import flops
 from benchmarks.workloads import ALL
+from ntkcore.implementations import AUTO, REGISTRY
 
 BEGIN = "<!-- begin: written by `python -m benchmarks`; do not edit by hand -->"
 END = "<!-- end: written by `python -m benchmarks` -->"
-SHORT = {"jacobian_contraction": "JC", "ntk_vector_products": "NVP", "structured": "SD", "auto": "auto"}
+SHORT = {**{name: method.label for name, method in REGISTRY.items()}, AUTO: "auto"}
 NAMES = {"jax": "JAX", "torch": "PyTorch", "tensorflow": "TensorFlow"}
 # Exponent of the dominant term of the cost table (arXiv 2206.08720) in each sweep: width w
 # (P and [FP] ∝ w²) at fixed N; N at fixed width (the N² terms).
@@ -183,7 +184,7 @@ def slope_rows(outcome: dict) -> list[list[str]]:
     backends = sorted({r["backend"] for r in outcome["results"] if r["sweep"]})
     for sweep in SWEEPS:
         for backend in backends:
-            for implementation in ("jacobian_contraction", "ntk_vector_products", "structured"):
+            for implementation in REGISTRY:
                 x, t, names = _points(outcome, sweep, backend, implementation)
                 if not len(x):
                     continue
@@ -220,7 +221,7 @@ def plots(outcome: dict, out: Path) -> list[Path]:
             continue
         fig, axes = plt.subplots(1, len(backends), figsize=(4.2 * len(backends), 3.6), squeeze=False, sharey=True)
         for ax, backend in zip(axes[0], backends):
-            for implementation in ("jacobian_contraction", "ntk_vector_products", "structured"):
+            for implementation in REGISTRY:
                 x, t, _ = _points(outcome, sweep, backend, implementation)
                 if len(x):
                     slope = _slope(x, t)

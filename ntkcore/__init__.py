@@ -4,11 +4,13 @@ The core imports no framework: the adapter for a call is chosen from the model a
 (``backend=`` names it explicitly) and imported only then.
 """
 
-from .api import KernelFn, StructuredFallbackWarning, explain, flatten, nngp, ntk, ntk_fn, ntk_from_jacobians
+from .api import explain, flatten, nngp, ntk, ntk_fn, ntk_from_jacobians
 from .axes import KernelAxes
 from .explain import Explanation, MemoryBudgetError
 from .factorize import factorize
-from .implementation import Implementation
+from .implementations import Implementation
+from .implementations.structured import StructuredFallbackWarning
+from .kernel_fn import KernelFn
 from .linearized import Linearized, linearize
 from .operators import NTKOperator, ntk_operator
 from .predict import Prediction, alignment, drift, gd_mse, kernel_drift, kernel_regression, max_learning_rate

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from .api import ntk_fn
-from .registry import get_backend, installed_backends
+from .implementations import AUTO, REGISTRY
+from .registry import BUILTIN, get_backend, installed_backends
 
-IMPLEMENTATIONS = ("jacobian_contraction", "ntk_vector_products", "auto")
-# torch first: importing it before TensorFlow is the order that works in one process
-ORDER = ("torch", "jax", "tensorflow")
+# every implementation but those that need the layer capture (the demo's MLP is all dense), and auto
+IMPLEMENTATIONS = (*(name for name, method in REGISTRY.items() if not method.uses_capture), AUTO)
 
 
 @dataclass
@@ -65,7 +65,7 @@ def run(
     dtype: str = "float32",
 ) -> tuple[list[Row], float]:
     """Time every backend × implementation; return the rows and the largest relative difference."""
-    names = [b for b in ORDER if b in (backends or installed_backends())]
+    names = [b for b in BUILTIN if b in (backends or installed_backends())]  # torch before TensorFlow
     weights = demo_weights(list(widths))
     x = np.random.default_rng(1).normal(size=(n, widths[0])).astype(dtype)
     rows = []

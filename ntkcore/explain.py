@@ -6,8 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .axes import KernelAxes
-from .cost_model import Estimate, LayerShape, ModelShape
-from .rules import dense_orders
+from .cost_model import Estimate, ModelShape
+from .implementations.structured import describe
+from .sizes import CallSizes
 
 
 class MemoryBudgetError(MemoryError):
@@ -99,24 +100,10 @@ def describe_layers(
 ) -> tuple[LayerRule, ...]:
     """Each captured layer with the rule structured derivatives would apply (for dense layers,
     the contraction order the rule picks at these sizes)."""
+    sizes = CallSizes.of(n1, n2, out_shape, axes)
     return tuple(
-        LayerRule(layer.name, layer.kind, sum(layer.sizes.values()), _rule_text(layer, n1, n2, out_shape, axes))
-        for layer in shape.layers
+        LayerRule(layer.name, layer.kind, sum(layer.sizes.values()), describe(layer, sizes)) for layer in shape.layers
     )
-
-
-def _rule_text(layer: LayerShape, n1: int, n2: int | None, out_shape: tuple[int, ...], axes: KernelAxes) -> str:
-    if layer.rule == "dense":
-        orders = dense_orders(n1, n1 if n2 is None else n2, layer.tokens, layer.fan_in, layer.features, out_shape, axes)
-        order = min(orders, key=lambda k: orders[k][0])
-        return f"dense rule, {order.replace('_', '-')} order"
-    if layer.rule == "framework":
-        return f"{layer.kind}: per-example gradients from the framework's backward pass"
-    if layer.rule == "shared":
-        return f"{layer.kind} rule's per-example gradients, summed over the layers sharing the parameter"
-    if layer.rule.startswith("fallback"):
-        return "exact per-layer Jacobian contraction (" + layer.rule.removeprefix("fallback: ") + ")"
-    return f"{layer.rule} rule"
 
 
 def _bytes(n: float | None) -> str:

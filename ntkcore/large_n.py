@@ -29,12 +29,12 @@ from .tiling import Tile, assemble, plan
 def tile_size(fn: Any, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes, on_disk: bool) -> int:
     """The largest tile (N, N/2, N/4, …) whose best implementation fits the memory budget,
     next to the kernel itself when it is assembled in memory."""
-    budget = fn._budget()[0]
+    budget = fn.budget()[0]
     n1 = x1.shape[0]
     n = max(n1, n1 if x2 is None else x2.shape[0])
     if budget is None:
         return n
-    itemsize = fn._itemsize()
+    itemsize = fn.itemsize
     kernel_bytes = math.prod(axes.kernel_shape((n1, *out_shape), ((x1 if x2 is None else x2).shape[0], *out_shape)))
     kernel_bytes *= itemsize
     room = budget if on_disk else budget - kernel_bytes
@@ -47,7 +47,7 @@ def tile_size(fn: Any, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: Kerne
     while True:
         rows = x1[:size]
         cols = (x1 if x2 is None else x2)[:size]  # off-diagonal tiles: two sides
-        estimates = fn._estimates(rows, cols, out_shape, axes)[0]
+        estimates = fn.estimates(rows, cols, out_shape, axes)
         if min(e.peak_bytes for e in estimates.values()) <= room:
             return size
         if size == 1:
@@ -81,7 +81,7 @@ def compute(
     executor: Any,
 ) -> Any:
     """The kernel of ``fn`` between ``x1`` and ``x2``, tile by tile (see the module docstring)."""
-    backend = fn._backend
+    backend = fn.backend
     n1 = x1.shape[0]
     n2 = None if x2 is None else x2.shape[0]
     tiles = plan(n1, n2, batch_size, axes)
@@ -90,12 +90,12 @@ def compute(
     if out is not None:
         chunks = (batch_size, *shape[1:]) if 0 in axes.diagonal else (batch_size, batch_size, *shape[2:])
         stamp = fingerprint(
-            {k: backend.to_numpy(v) for k, v in fn._prepared.params.items()},
+            {k: backend.to_numpy(v) for k, v in fn.prepared.params.items()},
             backend.to_numpy(x1),
             None if x2 is None else backend.to_numpy(x2),
-            fn._options(batch_size),
+            fn.options(batch_size),
         )
-        store = KernelStore(out, shape, chunks, fn._dtype_name(), stamp, overwrite)
+        store = KernelStore(out, shape, chunks, fn.dtype_name, stamp, overwrite)
     done = store.done() if store is not None else set()
     todo = [t for t in tiles if t.name not in done]
     bar = _progress(progress, len(tiles), f"ntkcore {backend.name} kernel {shape}")
@@ -114,7 +114,7 @@ def compute(
     bar.close()
     if store is not None:
         return store.result()
-    like = next(iter(fn._prepared.params.values()))
+    like = next(iter(fn.prepared.params.values()))
     blocks = {k: b if not isinstance(b, np.ndarray) else backend.asarray(b, like=like) for k, b in blocks.items()}
     return assemble(backend.namespace(like), blocks, tiles, axes)
 
@@ -135,9 +135,9 @@ def _local(
 ) -> Iterator[tuple[Tile, Any]]:
     """In this process, one tile after another."""
     for tile in todo:
-        block = fn._untiled(*_tile_inputs(x1, x2, tile), out_shape, axes)
+        block = fn.untiled(*_tile_inputs(x1, x2, tile), out_shape, axes)
         if store is not None:
-            store.write(tile, fn._backend.to_numpy(block), axes, mirror=x2 is None)
+            store.write(tile, fn.backend.to_numpy(block), axes, mirror=x2 is None)
             block = None
         yield tile, block
 
@@ -154,9 +154,10 @@ def _dask(executor: Any, fn: Any, out: Any, store: Any) -> Callable:
             raise ImportError("executor= needs Dask: pip install 'ntkcore[large]'") from None
 
         client = executor if isinstance(executor, Client) else Client(executor)
-        backend = fn._backend
+        backend = fn.backend
         payload = {
-            "fn": fn._spec(),
+            "kernel_fn": type(fn),  # pickled by reference: the worker imports it
+            "fn": fn.spec(),
             "x1": backend.to_numpy(x1),
             "x2": None if x2 is None else backend.to_numpy(x2),
             "out": None if out is None else str(out),
@@ -188,18 +189,16 @@ def _dask_tile(blob: bytes, tile: Tile) -> Any:
     worker and payload (the scattered, pickled payload is one object per worker)."""
     import pickle
 
-    from .api import KernelFn
-
     if _WORKER.get("blob") is not blob:
         payload = pickle.loads(blob)
-        fn = KernelFn(**payload["fn"])
-        x1, x2, _, _ = fn._resolve(payload["x1"], payload["x2"])
+        fn = payload["kernel_fn"](**payload["fn"])
+        x1, x2, _, _ = fn.resolve(payload["x1"], payload["x2"])
         store = None if payload["out"] is None else KernelStore.reopen(payload["out"], *payload["store"])
         _WORKER.clear()
         _WORKER.update(blob=blob, payload=payload, fn=fn, x1=x1, x2=x2, store=store)
     fn, store, payload = _WORKER["fn"], _WORKER["store"], _WORKER["payload"]
-    block = fn._untiled(*_tile_inputs(_WORKER["x1"], _WORKER["x2"], tile), payload["out_shape"], payload["axes"])
-    block = fn._backend.to_numpy(block)
+    block = fn.untiled(*_tile_inputs(_WORKER["x1"], _WORKER["x2"], tile), payload["out_shape"], payload["axes"])
+    block = fn.backend.to_numpy(block)
     if store is None:
         return block
     store.write(tile, block, payload["axes"], mirror=payload["x2"] is None)

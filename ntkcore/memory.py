@@ -6,7 +6,7 @@ import os
 import re
 from typing import Any
 
-from .algorithms._common import device_of
+from .arrays import device_of
 from .cost_model import device_class
 
 # Of the memory free when the call starts: the rest is headroom for the framework's own

@@ -13,8 +13,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from .api import KernelFn
-from .implementation import Implementation
+from .kernel_fn import KernelFn
 
 
 class NTKOperator:
@@ -27,11 +26,11 @@ class NTKOperator:
     """
 
     def __init__(self, fn: KernelFn, x: Any) -> None:
-        x, _, out_shape, axes = fn._resolve(x, None)
+        x, _, out_shape, axes = fn.resolve(x, None)
         if axes.diagonal:
             raise ValueError("ntk_operator: diagonal_axes are not supported; the operator is Θ(x, x) as a matrix")
         self._x = x
-        self._backend, self._prepared = fn.backend, fn._prepared
+        self._backend, self._prepared = fn.backend, fn.prepared
         self._out_shape = out_shape
         self._kept = [a - 1 for a in axes.kept if a != 0]  # axes of the per-example output
         self._traced = [a - 1 for a in axes.trace if a != 0]
@@ -139,7 +138,6 @@ def ntk_operator(
     fn = KernelFn(
         model,
         params=params,
-        implementation=Implementation.NTK_VECTOR_PRODUCTS,
         trace_axes=trace_axes,
         diagonal_axes=(),
         backend=backend,

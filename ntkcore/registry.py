@@ -16,16 +16,10 @@ from functools import cache
 from importlib.metadata import entry_points
 from typing import Any
 
+from .builtin_backends import BUILTIN
 from .protocol import AutodiffBackend
 
 ENTRY_POINT_GROUP = "ntkcore.backends"
-
-# name -> (framework module that must be importable, "adapter_module:Class")
-BUILTIN: dict[str, tuple[str, str]] = {
-    "jax": ("jax", "ntkcore_jax:JaxBackend"),
-    "torch": ("torch", "ntkcore_torch:TorchBackend"),
-    "tensorflow": ("tensorflow", "ntkcore_tensorflow:TensorFlowBackend"),
-}
 ALIASES = {"pytorch": "torch", "tf": "tensorflow", "keras": "tensorflow"}
 
 

@@ -66,13 +66,19 @@ class Spectrum:
 
 
 def to_host(a: Any) -> Any:
-    """A numpy copy of an array of any framework (a CUDA tensor through ``.cpu()``)."""
+    """A numpy copy of an array of any framework: numpy reads it directly, else its adapter
+    copies it to the host (a CUDA tensor, say)."""
     import numpy as np
 
     try:
         return np.asarray(a)
     except Exception:  # a framework array numpy cannot read directly
-        return np.asarray(a.cpu())
+        from .registry import backend_for_arrays
+
+        backend = backend_for_arrays(a)
+        if backend is None:
+            raise TypeError(f"cannot copy an array of type {type(a).__name__} to the host") from None
+        return backend.to_numpy(a)
 
 
 def square_matrix(kernel: Any, name: str = "kernel") -> tuple[Any, Any]:

@@ -15,10 +15,11 @@ import os
 
 import pytest
 
+from ntkcore.registry import BUILTIN
 from tests.models import FRAMEWORK_MODULES
 
-ALL_BACKENDS = ("torch", "jax", "tensorflow")
-FRAMEWORK_PACKAGE = {"torch": "torch", "jax": "jax", "tensorflow": "tensorflow"}
+ALL_BACKENDS = tuple(BUILTIN)
+FRAMEWORK_PACKAGE = {name: framework for name, (framework, _) in BUILTIN.items()}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

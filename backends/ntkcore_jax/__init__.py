@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -13,7 +12,8 @@ import jax.extend.core as jex_core
 import jax.numpy as jnp
 import numpy as np
 
-from ntkcore.protocol import Capture, PreparedModel
+from ntkcore.adapter import Adapter, ApplyCache
+from ntkcore.protocol import PreparedModel
 
 from .layers import factorized_dense_apply, factorized_dense_init
 
@@ -48,8 +48,7 @@ def _is_trainable_leaf(leaf: Any) -> bool:
 
 
 _IMMUTABLE = (jax.Array, bool, int, float, complex, str, type(None))
-_APPLY_CACHE: OrderedDict = OrderedDict()  # so that repeated calls reuse compiled kernels
-_APPLY_CACHE_SIZE = 32
+_APPLY_CACHE = ApplyCache()  # so that repeated calls reuse compiled kernels
 
 
 def _functional(model: Any, tree: Any, trainable: Callable[[tuple, Any], bool]) -> tuple[Callable, dict]:
@@ -65,10 +64,6 @@ def _functional(model: Any, tree: Any, trainable: Callable[[tuple, Any], bool]) 
     constants = [None if i in slots else leaf for i, (_, leaf) in enumerate(flat)]
     owners = (getattr(model, "__self__", model), getattr(model, "__func__", model))
     key = (*map(id, owners), treedef, tuple(slots), tuple(names), tuple(map(id, constants)))
-    cacheable = all(isinstance(c, _IMMUTABLE) for c in constants)
-    if cacheable and key in _APPLY_CACHE:
-        _APPLY_CACHE.move_to_end(key)
-        return _APPLY_CACHE[key][0], params
 
     def apply(p: Mapping[str, Any], x: Any) -> Any:
         leaves = list(constants)
@@ -76,10 +71,8 @@ def _functional(model: Any, tree: Any, trainable: Callable[[tuple, Any], bool]) 
             leaves[i] = p[name]
         return model(jax.tree_util.tree_unflatten(treedef, leaves), x)
 
-    if cacheable:  # the entry holds the owners and constants, so their ids stay unique
-        _APPLY_CACHE[key] = (apply, owners, constants)
-        while len(_APPLY_CACHE) > _APPLY_CACHE_SIZE:
-            _APPLY_CACHE.popitem(last=False)
+    if all(isinstance(c, _IMMUTABLE) for c in constants):
+        apply = _APPLY_CACHE.shared(key, apply, owners, constants)
     return apply, params
 
 
@@ -118,10 +111,12 @@ def _accepts_integer_inputs(apply: Callable, params: dict) -> Callable[[Any], bo
     return check
 
 
-class JaxBackend:
+class JaxBackend(Adapter):
     """Autodiff interface on JAX transforms."""
 
     name = "jax"
+    native = (jax.Array,)
+    arrays_text, model_text = "a JAX or numpy array", "JAX"
 
     def owns(self, model: Any, params: Any, arrays: tuple[Any, ...]) -> bool:
         if _is_equinox_module(model) or _flax_module(model) is not None:
@@ -161,19 +156,8 @@ class JaxBackend:
     def namespace(self, *arrays: Any) -> Any:
         return array_api_compat.array_namespace(*arrays) if arrays else jnp
 
-    def asarray(self, x: Any, *, like: Any) -> Any:
-        if isinstance(x, jax.Array):
-            return x
-        if not isinstance(x, (np.ndarray, np.generic, list, tuple)):
-            raise TypeError(
-                f"expected a JAX or numpy array for a JAX model, got {type(x).__module__}.{type(x).__name__}"
-            )
-        x = np.asarray(x)
-        dtype = like.dtype if np.issubdtype(x.dtype, np.floating) else None
-        return jnp.asarray(x, dtype=dtype)
-
-    def to_numpy(self, x: Any) -> np.ndarray:
-        return np.asarray(x)
+    def from_numpy(self, x: np.ndarray, like: Any, *, cast: bool) -> Any:
+        return jnp.asarray(x, dtype=like.dtype if cast else None)
 
     def is_floating(self, x: Any) -> bool:
         return bool(jnp.issubdtype(x.dtype, jnp.floating))
@@ -218,20 +202,3 @@ class JaxBackend:
         if "bytes_limit" not in stats:
             return None
         return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
-
-    def dense_layers(self, model: Any, params: Any) -> dict:
-        """Name -> ((in, out) float64 weight, trainable) of the dense layers ``factorize`` can replace."""
-        from .factorize import dense_layers
-
-        return dense_layers(model, params)
-
-    def factorized(self, model: Any, params: Any, factors: Mapping[str, Any]) -> Any:
-        """The model with the named dense layers replaced by ntkcore's factorized layer."""
-        from .factorize import factorized
-
-        return factorized(model, params, factors)
-
-    def capture(self, prepared: PreparedModel, x: Any) -> Capture:
-        from .capture import capture
-
-        return capture(prepared.apply, prepared.params, x)

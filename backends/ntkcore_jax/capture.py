@@ -21,7 +21,7 @@ import jax
 import jax.extend.core as jex_core
 import jax.numpy as jnp
 
-from ntkcore.protocol import Capture, LayerUse
+from ntkcore.protocol import Capture, LayerUse, PreparedModel
 
 _VIEWS = {"reshape", "transpose", "convert_element_type", "copy", "copy_p"}
 _CALLS = {"pjit", "jit", "closed_call", "core_call"}
@@ -153,86 +153,113 @@ class _Walker:
         )
 
     def match(self, eqn: Any, found: list) -> _Match | None:
-        name = eqn.primitive.name
-        if len(found) != 1:
+        """The rule's view of an equation that consumes one parameter, or ``None``."""
+        matcher = _MATCHERS.get(eqn.primitive.name)
+        if len(found) != 1 or matcher is None:
             return None
         index, origin = found[0]
-        out_shape = tuple(eqn.outvars[0].aval.shape)
-        shapes = [tuple(v.aval.shape) for v in eqn.invars]
-        broadcast = origin.feature_dims is not None
-        if name == "dot_general" and not broadcast:
-            (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-            if lb or rb:
-                return None
-            xi = 1 - index
-            cx = list((lc, rc)[xi])
-            fx = [d for d in range(len(shapes[xi])) if d not in cx]
-            n_w_free = len(shapes[index]) - len(cx)
-            tokens = list(range(len(fx))) if xi == 0 else list(range(n_w_free, len(out_shape)))
-            n_in = math.prod(shapes[xi][d] for d in cx)
+        return matcher(self, eqn, index, origin)
 
-            def dense_input(invals: list, perm: list, probe: tuple) -> Any:
-                return jnp.reshape(jnp.transpose(invals[xi], fx + cx), (1, -1, n_in))
+    def _dot_general(self, eqn: Any, index: int, origin: _Origin) -> _Match | None:
+        out_shape, shapes = _shapes(eqn)
+        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+        if lb or rb or origin.feature_dims is not None:
+            return None
+        xi = 1 - index
+        cx = list((lc, rc)[xi])
+        fx = [d for d in range(len(shapes[xi])) if d not in cx]
+        n_w_free = len(shapes[index]) - len(cx)
+        tokens = list(range(len(fx))) if xi == 0 else list(range(n_w_free, len(out_shape)))
+        n_in = math.prod(shapes[xi][d] for d in cx)
 
-            # native: the weight's gradient (free axes, then contracted) is the parameter's layout
-            order = [d for d in range(len(shapes[index])) if d not in (lc, rc)[index]] + list((lc, rc)[index])
-            native = origin.axes is not None and [origin.axes[d] for d in order] == sorted(origin.axes)
-            return self._use("dense", "weight", origin, out_shape, tokens, dense_input, native)
-        if name == "conv_general_dilated" and index == 1 and not broadcast:
-            prm = eqn.params
-            if prm["batch_group_count"] != 1 or any(d != 1 for d in prm["lhs_dilation"]):
-                return None
-            dn = prm["dimension_numbers"]
-            filter_shape = tuple(shapes[1][d] for d in dn.rhs_spec[2:])
+        def dense_input(invals: list, perm: list, probe: tuple) -> Any:
+            return jnp.reshape(jnp.transpose(invals[xi], fx + cx), (1, -1, n_in))
 
-            def patch_input(invals: list, perm: list, probe: tuple) -> Any:
-                patches = jax.lax.conv_general_dilated_patches(
-                    invals[0], filter_shape, prm["window_strides"], prm["padding"],
-                    rhs_dilation=prm["rhs_dilation"], dimension_numbers=dn,
-                )  # fmt: skip
-                return jnp.reshape(jnp.transpose(patches, perm), (1, probe[1], prm["feature_group_count"], -1))
+        # native: the weight's gradient (free axes, then contracted) is the parameter's layout
+        order = [d for d in range(len(shapes[index])) if d not in (lc, rc)[index]] + list((lc, rc)[index])
+        native = origin.axes is not None and [origin.axes[d] for d in order] == sorted(origin.axes)
+        return self._use("dense", "weight", origin, out_shape, tokens, dense_input, native)
 
-            tokens = [dn.out_spec[0], *dn.out_spec[2:]]
-            return self._use("conv", "weight", origin, out_shape, tokens, patch_input)
-        if name in ("add", "sub", "mul"):
-            other = 1 - index
-            features = _feature_dims(origin, shapes[index], out_shape)
-            if shapes[other] != out_shape or features is None:
-                return None
-            tokens = [d for d in range(len(out_shape)) if d not in features]
-            if name == "mul":
+    def _conv(self, eqn: Any, index: int, origin: _Origin) -> _Match | None:
+        out_shape, shapes = _shapes(eqn)
+        prm = eqn.params
+        if index != 1 or origin.feature_dims is not None:
+            return None
+        if prm["batch_group_count"] != 1 or any(d != 1 for d in prm["lhs_dilation"]):
+            return None
+        dn = prm["dimension_numbers"]
+        filter_shape = tuple(shapes[1][d] for d in dn.rhs_spec[2:])
 
-                def scale_input(invals: list, perm: list, probe: tuple) -> Any:
-                    return jnp.reshape(jnp.transpose(invals[other], perm), probe)
+        def patch_input(invals: list, perm: list, probe: tuple) -> Any:
+            patches = jax.lax.conv_general_dilated_patches(
+                invals[0], filter_shape, prm["window_strides"], prm["padding"],
+                rhs_dilation=prm["rhs_dilation"], dimension_numbers=dn,
+            )  # fmt: skip
+            return jnp.reshape(jnp.transpose(patches, perm), (1, probe[1], prm["feature_group_count"], -1))
 
-                return self._use("affine", "scale", origin, out_shape, tokens, scale_input, origin.axes == (0,))
-            sign = -1.0 if (name == "sub" and index == 1) else 1.0  # ∂(a - b)/∂b = -1
-            dtype = eqn.outvars[0].aval.dtype
+        tokens = [dn.out_spec[0], *dn.out_spec[2:]]
+        return self._use("conv", "weight", origin, out_shape, tokens, patch_input)
 
-            def bias_input(invals: list, perm: list, probe: tuple) -> Any:  # a dense layer on a constant ±1
-                return jnp.full((1, probe[1], 1), sign, dtype=dtype)
+    def _elementwise(self, eqn: Any, index: int, origin: _Origin) -> _Match | None:
+        """``mul`` by a broadcast parameter is an affine scale; ``add``/``sub`` a bias."""
+        out_shape, shapes = _shapes(eqn)
+        name, other = eqn.primitive.name, 1 - index
+        features = _feature_dims(origin, shapes[index], out_shape)
+        if shapes[other] != out_shape or features is None:
+            return None
+        tokens = [d for d in range(len(out_shape)) if d not in features]
+        if name == "mul":
 
-            return self._use("dense", "weight", origin, out_shape, tokens, bias_input, origin.axes == (0,))
-        if name == "gather" and index == 0 and origin.exact and not broadcast:
-            dn = eqn.params["dimension_numbers"]
-            simple = (
-                len(shapes[0]) == 2
-                and tuple(dn.collapsed_slice_dims) == (0,)
-                and tuple(dn.start_index_map) == (0,)
-                and tuple(dn.offset_dims) == (len(out_shape) - 1,)
-                and not getattr(dn, "operand_batching_dims", ())
-                and tuple(eqn.params["slice_sizes"]) == (1, shapes[0][1])
-                and shapes[1][-1] == 1
-            )
-            if not simple:
-                return None
+            def scale_input(invals: list, perm: list, probe: tuple) -> Any:
+                return jnp.reshape(jnp.transpose(invals[other], perm), probe)
 
-            def ids_input(invals: list, perm: list, probe: tuple) -> Any:
-                return jnp.reshape(invals[1][..., 0], (1, -1))
+            return self._use("affine", "scale", origin, out_shape, tokens, scale_input, origin.axes == (0,))
+        sign = -1.0 if (name == "sub" and index == 1) else 1.0  # ∂(a - b)/∂b = -1
+        dtype = eqn.outvars[0].aval.dtype
 
-            tokens = list(range(len(out_shape) - 1))
-            return self._use("embedding", "table", origin, out_shape, tokens, ids_input, native=True)
-        return None
+        def bias_input(invals: list, perm: list, probe: tuple) -> Any:  # a dense layer on a constant ±1
+            return jnp.full((1, probe[1], 1), sign, dtype=dtype)
+
+        return self._use("dense", "weight", origin, out_shape, tokens, bias_input, origin.axes == (0,))
+
+    def _gather(self, eqn: Any, index: int, origin: _Origin) -> _Match | None:
+        out_shape, shapes = _shapes(eqn)
+        if index != 0 or not origin.exact or origin.feature_dims is not None:
+            return None
+        dn = eqn.params["dimension_numbers"]
+        simple = (
+            len(shapes[0]) == 2
+            and tuple(dn.collapsed_slice_dims) == (0,)
+            and tuple(dn.start_index_map) == (0,)
+            and tuple(dn.offset_dims) == (len(out_shape) - 1,)
+            and not getattr(dn, "operand_batching_dims", ())
+            and tuple(eqn.params["slice_sizes"]) == (1, shapes[0][1])
+            and shapes[1][-1] == 1
+        )
+        if not simple:
+            return None
+
+        def ids_input(invals: list, perm: list, probe: tuple) -> Any:
+            return jnp.reshape(invals[1][..., 0], (1, -1))
+
+        tokens = list(range(len(out_shape) - 1))
+        return self._use("embedding", "table", origin, out_shape, tokens, ids_input, native=True)
+
+
+def _shapes(eqn: Any) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
+    """The equation's output shape and its operands' shapes."""
+    return tuple(eqn.outvars[0].aval.shape), [tuple(v.aval.shape) for v in eqn.invars]
+
+
+# primitive -> the walker's matcher: the adapter's layer table
+_MATCHERS: dict[str, Callable[[_Walker, Any, int, _Origin], _Match | None]] = {
+    "dot_general": _Walker._dot_general,
+    "conv_general_dilated": _Walker._conv,
+    "add": _Walker._elementwise,
+    "sub": _Walker._elementwise,
+    "mul": _Walker._elementwise,
+    "gather": _Walker._gather,
+}
 
 
 def _evaluate(
@@ -263,8 +290,9 @@ def _evaluate(
     return [read(v) for v in jaxpr.outvars]
 
 
-def capture(apply: Callable, params: dict[str, Any], x: Any) -> Capture:
-    """Capture ``apply(params, x)`` on a batch of one ``x``."""
+def capture(prepared: PreparedModel, x: Any) -> Capture:
+    """Capture ``prepared.apply(params, x)`` on a batch of one ``x``."""
+    apply, params = prepared.apply, prepared.params
     closed = jax.make_jaxpr(apply)(params, x)
     order = [path[0].key for path, _ in jax.tree_util.tree_flatten_with_path(dict(params))[0]]
     walker = _Walker()

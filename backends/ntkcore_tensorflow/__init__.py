@@ -15,14 +15,14 @@ and jit ``tf.function``.
 from __future__ import annotations
 
 import sys
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
-from ntkcore.protocol import Capture, PreparedModel
+from ntkcore.adapter import Adapter, ApplyCache
+from ntkcore.protocol import PreparedModel
 
 from . import xp as _xp
 from .layers import FactorizedDense
@@ -31,8 +31,7 @@ __all__ = ["FactorizedDense", "TensorFlowBackend"]
 
 _ZERO = tf.UnconnectedGradients.ZERO
 _NUMPY_LIKE = (np.ndarray, np.generic, list, tuple, float, int)
-_APPLY_CACHE: OrderedDict = OrderedDict()  # so that repeated ntk() calls reuse compiled kernels
-_APPLY_CACHE_SIZE = 32
+_APPLY_CACHE = ApplyCache()  # so that repeated ntk() calls reuse compiled kernels
 
 
 def _keras() -> Any:
@@ -76,16 +75,9 @@ def _shared(apply: Callable, model: Any, variables: list, names: list[str]) -> C
     """The ``apply`` already made for this model and trainable variables, else ``apply``.
 
     ``apply`` reads only ``p``, the model and its variables (constants are read live), so one
-    per model and variable list lets the core's compiled kernels be reused across ``ntk()``
-    calls. The entry holds the model and variables, so their ids stay unique while it lives.
+    per model and variable list lets the core's compiled kernels be reused across ``ntk()`` calls.
     """
-    key = (id(model), tuple(map(id, variables)), tuple(names))
-    if key not in _APPLY_CACHE:
-        _APPLY_CACHE[key] = (apply, model, variables)
-        while len(_APPLY_CACHE) > _APPLY_CACHE_SIZE:
-            _APPLY_CACHE.popitem(last=False)
-    _APPLY_CACHE.move_to_end(key)
-    return _APPLY_CACHE[key][0]
+    return _APPLY_CACHE.shared((id(model), tuple(map(id, variables)), tuple(names)), apply, model, variables)
 
 
 def _replacement(name: str, value: Any, ref: Any) -> tf.Tensor:
@@ -163,10 +155,13 @@ def _prepare_module(model: tf.Module, params: Any) -> PreparedModel:
     return PreparedModel(apply, dict(zip(names, variables)), None, lambda x: False, source=model)
 
 
-class TensorFlowBackend:
+class TensorFlowBackend(Adapter):
     """Autodiff interface on tf.GradientTape, ForwardAccumulator, vectorized_map, tf.function."""
 
     name = "tensorflow"
+    native = (tf.Tensor,)
+    arrays_text, model_text = "a TensorFlow tensor or a numpy array", "TensorFlow/Keras"
+    numpy_like = _NUMPY_LIKE
 
     def owns(self, model: Any, params: Any, arrays: tuple[Any, ...]) -> bool:
         if _is_keras_layer(model) or isinstance(model, tf.Module):
@@ -191,17 +186,12 @@ class TensorFlowBackend:
         return _xp
 
     def asarray(self, x: Any, *, like: Any) -> Any:
-        if isinstance(x, tf.Tensor):
-            return x
         if isinstance(x, tf.Variable) or _is_keras_variable(x):
             return tf.convert_to_tensor(x)
-        if not isinstance(x, _NUMPY_LIKE):
-            raise TypeError(
-                "expected a TensorFlow tensor or a numpy array for a TensorFlow/Keras model, got "
-                f"{type(x).__module__}.{type(x).__name__}"
-            )
-        x = np.asarray(x)
-        return tf.constant(x, dtype=tf.as_dtype(like.dtype) if np.issubdtype(x.dtype, np.floating) else None)
+        return super().asarray(x, like=like)
+
+    def from_numpy(self, x: np.ndarray, like: Any, *, cast: bool) -> Any:
+        return tf.constant(x, dtype=tf.as_dtype(like.dtype) if cast else None)
 
     def to_numpy(self, x: Any) -> np.ndarray:
         return np.asarray(x.numpy() if hasattr(x, "numpy") else x)
@@ -261,23 +251,6 @@ class TensorFlowBackend:
 
     def jit(self, fn: Callable) -> Callable:
         return tf.function(fn, autograph=False)
-
-    def dense_layers(self, model: Any, params: Any) -> dict:
-        """Name -> ((in, out) float64 weight, trainable) of the dense layers ``factorize`` can replace."""
-        from .factorize import dense_layers
-
-        return dense_layers(model, params)
-
-    def factorized(self, model: Any, params: Any, factors: Mapping[str, Any]) -> Any:
-        """The model with the named dense layers replaced by ntkcore's factorized layer."""
-        from .factorize import factorized
-
-        return factorized(model, params, factors)
-
-    def capture(self, prepared: PreparedModel, x: Any) -> Capture:
-        from .capture import capture
-
-        return capture(prepared.source, prepared.params, prepared.apply, x)
 
 
 def _chunked_map(body: Callable, elems: tuple, n: int, size: int) -> Any:

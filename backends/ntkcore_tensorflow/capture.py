@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import re
 import sys
-from collections import defaultdict
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import tensorflow as tf
 
-from ntkcore.protocol import Capture, LayerUse
+from ntkcore.adapter import CallRecorder, LayerEntry, ParameterAudit, Patches, build_capture, owners_of, patched
+from ntkcore.protocol import Capture, PreparedModel
 
 
 def _rule(keras: Any, layer: Any) -> tuple[str, dict[str, Any], int] | None:
@@ -105,15 +105,10 @@ def _sublayers(layer: Any) -> list[Any]:
     return list(layer._flatten_layers(include_self=True, recursive=True))
 
 
-def capture(model: Any, params: Mapping[str, Any], apply: Callable, x: Any) -> Capture:
-    """Capture a Keras model (run as ``apply(params, x)``) on a batch of one ``x``."""
-    keras = sys.modules.get("keras")
-    if keras is None or not isinstance(model, keras.Layer):
-        return Capture((), lambda p, probes, batch: (apply(p, batch), {}), {}, (f"{type(model).__name__} (tf.Module)",))
-    variables = list(model.trainable_variables)
-    name_of = {id(v): name for name, v in zip(params, variables)}
-    supported: dict[int, tuple[Any, str, str, dict[str, str], int]] = {}
-    variables_of: dict[int, dict[str, Any]] = {}
+def _table(keras: Any, model: Any, params: Mapping[str, Any]) -> tuple[dict, dict[str, LayerEntry], dict, list]:
+    """(path -> layer, path -> its rule's entry, path -> role -> variable, layers without a rule)."""
+    name_of = {id(v): name for name, v in zip(params, model.trainable_variables)}
+    layers, table, variables = {}, {}, {}
     for layer in _sublayers(model):
         rule = _rule(keras, layer)
         if rule is None:
@@ -121,104 +116,115 @@ def capture(model: Any, params: Mapping[str, Any], apply: Callable, x: Any) -> C
         kind, role_variables, axis = rule
         role_variables = {r: v for r, v in role_variables.items() if v is not None and id(v) in name_of}
         if role_variables:
-            roles = {role: name_of[id(v)] for role, v in role_variables.items()}
-            supported[id(layer)] = (layer, layer.path if hasattr(layer, "path") else layer.name, kind, roles, axis)
-            variables_of[id(layer)] = role_variables
-    covered = {name for *_, roles, _ in supported.values() for name in roles.values()}
-    unsupported = sorted({v.path.rpartition("/")[0] for name, v in zip(params, variables) if name not in covered})
+            path = layer.path if hasattr(layer, "path") else layer.name
+            layers[path], variables[path] = layer, role_variables
+            table[path] = LayerEntry(kind, {role: name_of[id(v)] for role, v in role_variables.items()}, axis)
+    covered = {name for entry in table.values() for name in entry.roles.values()}
+    trainable = zip(params, model.trainable_variables)
+    unsupported = sorted({v.path.rpartition("/")[0] for name, v in trainable if name not in covered})
+    return layers, table, variables, unsupported
 
-    def run(forward: Callable, p: Mapping[str, Any], batch: Any, probes: Mapping | None, audit: list | None) -> tuple:
-        counters: dict[str, int] = defaultdict(int)
-        inputs: dict[str, Any] = {}
-        shapes: dict[str, tuple[int, ...]] = {}
-        originals = {}
 
-        def wrap(layer: Any, path: str, kind: str, role_variables: dict[str, Any]) -> Callable:
-            original = layer.call
+def _without_activation(layer: Any, original: Callable, inputs: Any, args: tuple, kwargs: dict) -> Any:
+    """The layer's pre-activation output (the probe goes before the activation)."""
+    activation, layer.activation = layer.activation, None
+    try:
+        return original(inputs, *args, **kwargs)
+    finally:
+        layer.activation = activation
 
-            def call(inputs_: Any, *args: Any, **kwargs: Any) -> Any:
-                key = f"{path}#{counters[path]}"
-                counters[path] += 1
-                if audit is not None:
-                    audit.append(path)
-                try:
-                    if kind in ("dense", "conv"):
-                        activation, layer.activation = layer.activation, None
-                        try:
-                            out = original(inputs_, *args, **kwargs)
-                        finally:
-                            layer.activation = activation
-                        if kind == "dense":  # contracted axes and output features flattened
-                            contracted = _einsum_contracted(layer) if type(layer) is keras.layers.EinsumDense else 1
-                            free = len(inputs_.shape) - contracted
-                            inputs[key], native = _flatten_from(inputs_, free), _shape(out)
-                            out = _flatten_from(out, free)
-                    elif kind == "embedding":
-                        out = original(inputs_, *args, **kwargs)
-                        inputs[key] = tf.cast(inputs_, tf.int64)
-                    else:
-                        out = original(inputs_, *args, **kwargs)
-                        # x̂ is the layer's own output with scale 1 and shift 0
-                        unit = [
-                            (v, (tf.ones_like if role == "scale" else tf.zeros_like)(v.value))
-                            for role, v in role_variables.items()
-                        ]
-                        with keras.StatelessScope(state_mapping=unit):
-                            inputs[key] = original(inputs_, *args, **kwargs)
-                finally:
-                    if audit is not None:
-                        audit.pop()
-                shapes[key] = tuple(out.shape)
-                if probes is not None:
-                    out = out + probes[key]
-                if kind == "dense":
-                    out = tf.reshape(out, native)
-                return layer.activation(out) if kind in ("dense", "conv") else out
 
-            return call
+def _dense_call(keras: Any, layer: Any, original: Callable, recorder: CallRecorder, key: str, call: tuple) -> Any:
+    """A dense layer with its contracted axes and output features flattened for the rule."""
+    inputs, args, kwargs = call
+    out = _without_activation(layer, original, inputs, args, kwargs)
+    contracted = _einsum_contracted(layer) if type(layer) is keras.layers.EinsumDense else 1
+    free = len(inputs.shape) - contracted
+    native = _shape(out)
+    out = recorder.record(key, _flatten_from(inputs, free), _flatten_from(out, free))
+    return layer.activation(tf.reshape(out, native))
 
-        for layer, path, kind, _, _ in supported.values():
-            originals[id(layer)] = layer.__dict__.get("call")
-            layer.call = wrap(layer, path, kind, variables_of[id(layer)])
+
+def _affine_call(keras: Any, roles: dict, original: Callable, recorder: CallRecorder, key: str, call: tuple) -> Any:
+    """A normalisation: x̂ is the layer's own output with scale 1 and shift 0."""
+    inputs, args, kwargs = call
+    out = original(inputs, *args, **kwargs)
+    unit = [(v, (tf.ones_like if role == "scale" else tf.zeros_like)(v.value)) for role, v in roles.items()]
+    with keras.StatelessScope(state_mapping=unit):
+        normalised = original(inputs, *args, **kwargs)
+    return recorder.record(key, normalised, out)
+
+
+def _wrap(
+    keras: Any, layer: Any, path: str, entry: LayerEntry, roles: dict, recorder: CallRecorder, audit: Any
+) -> Callable:
+    """The layer's ``call`` that records the call (structured input, probe) for the rule."""
+    original = layer.call
+
+    def call(inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        key = recorder.next_key(path)
+        audit.entered(path)
         try:
-            out = forward(p, batch)
+            if entry.kind == "dense":
+                return _dense_call(keras, layer, original, recorder, key, (inputs, args, kwargs))
+            if entry.kind == "conv":  # differentiated by TensorFlow: no structured input
+                out = _without_activation(layer, original, inputs, args, kwargs)
+                return layer.activation(recorder.record(key, None, out))
+            if entry.kind == "embedding":
+                return recorder.record(key, tf.cast(inputs, tf.int64), original(inputs, *args, **kwargs))
+            return _affine_call(keras, roles, original, recorder, key, (inputs, args, kwargs))
         finally:
-            for layer, *_ in supported.values():
-                if originals[id(layer)] is None:
-                    del layer.call
-                else:
-                    layer.call = originals[id(layer)]
-        return out, inputs, shapes
+            audit.left()
 
-    # discovery, auditing which layer reads each trainable variable
-    owner = {
-        id(v): path
-        for layer, path, _, roles, _ in supported.values()
-        for v in variables
-        if name_of[id(v)] in roles.values()
-    }
-    active: list[str] = []
-    outside: set[str] = set()
-    mapping = [(v, params[name_of[id(v)]]) for v in variables]
+    return call
 
-    class Audit(keras.StatelessScope):
+
+def _run(
+    keras: Any, found: tuple, forward: Callable, p: Mapping[str, Any], batch: Any, recorder: Any, audit: Any
+) -> Any:
+    """``forward(p, batch)`` with every layer of the table wrapped."""
+    layers, table, variables, _ = found
+
+    def install(patches: Patches) -> None:
+        for path, layer in layers.items():
+            patches.set(layer, "call", _wrap(keras, layer, path, table[path], variables[path], recorder, audit))
+
+    with patched(install):
+        return forward(p, batch)
+
+
+def capture(prepared: PreparedModel, x: Any) -> Capture:
+    """Capture a Keras model (run as ``prepared.apply``) on a batch of one ``x``."""
+    model, params, apply = prepared.source, prepared.params, prepared.apply
+    keras = sys.modules.get("keras")
+    if keras is None or not isinstance(model, keras.Layer):
+        return Capture((), lambda p, probes, batch: (apply(p, batch), {}), {}, (f"{type(model).__name__} (tf.Module)",))
+    found = _table(keras, model, params)
+    audit, recorder = ParameterAudit(owners_of(found[1])), CallRecorder()
+    name_of = {id(v): name for name, v in zip(params, model.trainable_variables)}
+    mapping = [(v, params[name_of[id(v)]]) for v in model.trainable_variables]
+
+    class Audit(keras.StatelessScope):  # discovery: which layer reads each trainable variable
         def get_current_value(self, variable: Any) -> Any:
-            path = owner.get(id(variable))
-            if path is not None and (not active or active[-1] != path):
-                outside.add(name_of[id(variable)])
+            if id(variable) in name_of:
+                audit.used(name_of[id(variable)])
             return super().get_current_value(variable)
 
     def audited(p: Mapping[str, Any], batch: Any) -> Any:
         with Audit(state_mapping=mapping):
             return model(batch, training=False)
 
-    _, _, shapes = run(audited, params, x, None, active)
-    by_path = {path: (kind, roles, axis) for _, path, kind, roles, axis in supported.values()}
-    uses = tuple(LayerUse(key, key.rpartition("#")[0], *by_path[key.rpartition("#")[0]]) for key in shapes)
+    _run(keras, found, audited, params, x, recorder, audit)
 
     def apply_probed(p: Mapping[str, Any], probes: Mapping[str, Any], batch: Any) -> tuple:
-        out, inputs, _ = run(apply, p, batch, probes, None)
-        return out, inputs
+        probed = CallRecorder(probes)
+        return _run(keras, found, apply, p, batch, probed, ParameterAudit({})), probed.inputs
 
-    excluded = {name: "is also read outside its layer" for name in sorted(outside)}
-    return Capture(uses, apply_probed, shapes, tuple(unsupported), excluded, frozenset({"conv"}))
+    return build_capture(
+        found[1],
+        recorder.shapes,
+        apply_probed,
+        unsupported=tuple(found[3]),
+        excluded=audit.excluded("is also read outside its layer"),
+        framework_gradients=frozenset({"conv"}),  # TensorFlow's backward beats any patch extraction here
+    )

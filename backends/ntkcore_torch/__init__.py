@@ -12,7 +12,8 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ntkcore.protocol import Capture, PreparedModel
+from ntkcore.adapter import Adapter
+from ntkcore.protocol import PreparedModel
 
 from .layers import FactorizedLinear
 
@@ -55,10 +56,22 @@ def _batch_coupling(model: nn.Module) -> str | None:
     return None
 
 
-class TorchBackend:
+def _refuse_random(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        dropout = module.p if isinstance(module, _DROPOUTS) else getattr(module, "dropout", 0)
+        if isinstance(module, (*_DROPOUTS, nn.MultiheadAttention)) and module.training and dropout > 0:
+            raise ValueError(
+                f"model: {type(module).__name__} {name!r} is in training mode, so f is random and has "
+                "no well-defined kernel; call model.eval() first"
+            )
+
+
+class TorchBackend(Adapter):
     """Autodiff interface on ``torch.func`` transforms; no compilation (``jit`` is identity)."""
 
     name = "torch"
+    native = (torch.Tensor,)
+    arrays_text = "a torch tensor or numpy array"
 
     def owns(self, model: Any, params: Any, arrays: tuple[Any, ...]) -> bool:
         return isinstance(model, nn.Module) or any(isinstance(a, torch.Tensor) for a in arrays)
@@ -66,13 +79,7 @@ class TorchBackend:
     def prepare(self, model: Any, params: Any) -> PreparedModel:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module for the torch backend, got {type(model).__name__}")
-        for name, module in model.named_modules():
-            dropout = module.p if isinstance(module, _DROPOUTS) else getattr(module, "dropout", 0)
-            if isinstance(module, (*_DROPOUTS, nn.MultiheadAttention)) and module.training and dropout > 0:
-                raise ValueError(
-                    f"model: {type(module).__name__} {name!r} is in training mode, so f is random and has "
-                    "no well-defined kernel; call model.eval() first"
-                )
+        _refuse_random(model)
         from .capture import attention_modules, plain_attention
 
         theta = _trainable(model, params)
@@ -90,26 +97,14 @@ class TorchBackend:
 
         has_embedding = any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in model.modules())
         return PreparedModel(
-            apply,
-            theta,
-            batch_coupled=coupling,
-            accepts_integer_inputs=lambda x: has_embedding,
-            source=model,
+            apply, theta, batch_coupled=coupling, accepts_integer_inputs=lambda x: has_embedding, source=model
         )
 
     def namespace(self, *arrays: Any) -> Any:
         return array_api_compat.array_namespace(*(arrays or (torch.empty(0),)))
 
-    def asarray(self, x: Any, *, like: torch.Tensor) -> torch.Tensor:
-        if isinstance(x, torch.Tensor):
-            return x
-        if not isinstance(x, (np.ndarray, np.generic, list, tuple)):
-            raise TypeError(
-                f"expected a torch tensor or numpy array for a torch model, got {type(x).__module__}.{type(x).__name__}"
-            )
-        x = np.asarray(x)
-        dtype = like.dtype if np.issubdtype(x.dtype, np.floating) else None
-        return torch.as_tensor(x, dtype=dtype, device=like.device)
+    def from_numpy(self, x: np.ndarray, like: torch.Tensor, *, cast: bool) -> torch.Tensor:
+        return torch.as_tensor(x, dtype=like.dtype if cast else None, device=like.device)
 
     def to_numpy(self, x: torch.Tensor) -> np.ndarray:
         return x.detach().cpu().numpy()
@@ -139,20 +134,3 @@ class TorchBackend:
         if like.device.type == "cuda":
             return int(torch.cuda.mem_get_info(like.device)[0])
         return None
-
-    def dense_layers(self, model: Any, params: Any) -> dict:
-        """Name -> ((in, out) float64 weight, trainable) of the dense layers ``factorize`` can replace."""
-        from .factorize import dense_layers
-
-        return dense_layers(model, params)
-
-    def factorized(self, model: Any, params: Any, factors: Mapping[str, Any]) -> Any:
-        """The model with the named dense layers replaced by ntkcore's factorized layer."""
-        from .factorize import factorized
-
-        return factorized(model, params, factors)
-
-    def capture(self, prepared: PreparedModel, x: torch.Tensor) -> Capture:
-        from .capture import capture
-
-        return capture(prepared.source, prepared.params, prepared.apply, x)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -24,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ntkcore.protocol import Capture, LayerUse
+from ntkcore.adapter import CallRecorder, LayerEntry, ParameterAudit, Patches, build_capture, owners_of, patched
+from ntkcore.protocol import Capture, PreparedModel
 
 _BATCH_NORM = nn.modules.batchnorm._BatchNorm
 
@@ -126,20 +126,18 @@ def _self_attention(
 
 
 class _Audit(TorchFunctionMode):
-    """Records uses of trainable parameters made outside their own layer's call."""
+    """Reports every use of a trainable parameter (by tensor identity) to the audit."""
 
-    def __init__(self, owners_of: dict[int, set[str]], names: dict[int, str]) -> None:
+    def __init__(self, audit: ParameterAudit, names: dict[int, str]) -> None:
         super().__init__()
-        self.owners_of, self.names = owners_of, names
-        self.active: list[str] = []
-        self.outside: set[str] = set()
+        self.audit, self.names = audit, names
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         for value in [*args, *(kwargs or {}).values()]:
             for tensor in value if isinstance(value, (list, tuple)) else (value,):
-                owners = self.owners_of.get(id(tensor)) if isinstance(tensor, torch.Tensor) else None
-                if owners is not None and (not self.active or self.active[-1] not in owners):
-                    self.outside.add(self.names[id(tensor)])
+                name = self.names.get(id(tensor)) if isinstance(tensor, torch.Tensor) else None
+                if name is not None:
+                    self.audit.used(name)
         return func(*args, **(kwargs or {}))
 
 
@@ -158,30 +156,19 @@ def plain_attention(modules: list[nn.MultiheadAttention]) -> Iterator[None]:
     block). Written out batch-first, the projection is one matmul over all tokens. A module whose
     forward is already patched (by capture) is left as it is.
     """
-    patched = [m for m in modules if "forward" not in m.__dict__]
-    for module in patched:
-        module.forward = functools.partial(_self_attention, module, lambda x, y: y, lambda: None)
-    try:
+
+    def install(patches: Patches) -> None:
+        for module in modules:
+            if "forward" not in module.__dict__:
+                patches.set(module, "forward", functools.partial(_self_attention, module, lambda x, y: y, lambda: None))
+
+    with patched(install):
         yield
-    finally:
-        for module in patched:
-            del module.forward
 
 
-class _Restore:
-    """Removes a module's patched ``forward``, like a hook handle."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-
-    def remove(self) -> None:
-        del self.module.forward
-
-
-def capture(model: nn.Module, params: Mapping[str, torch.Tensor], call: Callable, x: torch.Tensor) -> Capture:
-    """Capture ``model`` (run as ``call(params_and_state, x)``) on a batch of one ``x``."""
-    supported: dict[str, tuple[nn.Module, str, dict[str, str], int]] = {}
-    unsupported = []
+def _table(model: nn.Module, params: Mapping[str, torch.Tensor]) -> tuple[dict, dict[str, LayerEntry], list[str]]:
+    """(layer -> module, layer -> its rule's entry, layers with trainable parameters and no rule)."""
+    modules, table, unsupported = {}, {}, []
     # a parameter tied into several modules has one name in ``params``, whichever module asks
     first_name = {id(p): n for n, p in model.named_parameters()}
     canonical = {n: first_name[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
@@ -197,78 +184,56 @@ def capture(model: nn.Module, params: Mapping[str, torch.Tensor], call: Callable
             unsupported.append(f"{name or 'model'} ({type(module).__name__})")
             continue
         kind, roles, axis = rule
-        supported[name] = (module, kind, {r: trainable[a] for r, a in roles.items() if a in trainable}, axis)
+        modules[name] = module
+        table[name] = LayerEntry(kind, {r: trainable[a] for r, a in roles.items() if a in trainable}, axis)
+    return modules, table, unsupported
 
-    def with_hooks(probes: Mapping[str, torch.Tensor] | None, audit: _Audit | None) -> tuple[list, dict, dict]:
-        counters: dict[str, int] = defaultdict(int)
-        inputs: dict[str, torch.Tensor] = {}
-        shapes: dict[str, tuple[int, ...]] = {}
-        handles: list = []
 
-        def record(name: str, structured_input: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-            key = f"{name}#{counters[name]}"
-            counters[name] += 1
-            inputs[key] = structured_input
-            shapes[key] = tuple(output.shape)
-            return output if probes is None else output + probes[key]
+def _install(patches: Patches, modules: dict, table: dict, recorder: CallRecorder, audit: ParameterAudit) -> None:
+    """Hooks on every layer with a rule (self-attention: its written-out forward) that record its
+    calls and report them to the audit."""
+    for name, module in modules.items():
+        attention = isinstance(module, nn.MultiheadAttention)
 
-        for name, (module, _, roles, _) in supported.items():
-            attention = isinstance(module, nn.MultiheadAttention)
+        def pre(mod: nn.Module, args: tuple, name: str = name) -> None:
+            audit.entered(name)
 
-            def pre(mod: nn.Module, args: tuple, name: str = name) -> None:
-                if audit is not None:
-                    audit.active.append(name)
+        def post(mod: nn.Module, args: tuple, output: Any, name: str = name, attention: bool = attention) -> Any:
+            if not attention:
+                output = recorder.record(recorder.next_key(name), _structured_input(mod, args[0]), output)
+            audit.left()
+            return output
 
-            def post(mod: nn.Module, args: tuple, output: Any, name: str = name, attention: bool = attention) -> Any:
-                if not attention:
-                    output = record(name, _structured_input(mod, args[0]), output)
-                if audit is not None:
-                    audit.active.pop()
-                return output
+        if attention:
+            roles = table[name].roles
+            record = lambda x, y, name=name: recorder.record(recorder.next_key(name), x, y)  # noqa: E731
+            refuse = lambda roles=roles: audit.outside.update(roles.values())  # noqa: E731 - a use records miss
+            patches.set(module, "forward", functools.partial(_self_attention, module, record, refuse))
+        patches.handle(module.register_forward_pre_hook(pre))
+        patches.handle(module.register_forward_hook(post))
 
-            if attention:
 
-                def refuse(roles: dict[str, str] = roles) -> None:
-                    if audit is not None:  # a use the records do not see: exact fallback
-                        audit.outside.update(roles.values())
-
-                module.forward = functools.partial(_self_attention, module, functools.partial(record, name), refuse)
-                handles.append(_Restore(module))
-            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
-        return handles, inputs, shapes
-
+def capture(prepared: PreparedModel, x: torch.Tensor) -> Capture:
+    """Capture the model of ``prepared`` (run as its ``apply``) on a batch of one ``x``."""
+    model, params, call = prepared.source, prepared.params, prepared.apply
+    modules, table, unsupported = _table(model, params)
     # only parameters of supported layers need the audit: the others fall back anyway
-    owners: dict[str, set[str]] = defaultdict(set)
-    for layer, (_, _, roles, _) in supported.items():
-        for full in roles.values():
-            owners[full].add(layer)
-    audit = _Audit({id(t): owners[n] for n, t in params.items() if n in owners}, {id(t): n for n, t in params.items()})
-    handles, _, shapes = with_hooks(None, audit)
-    try:
-        with torch.no_grad(), audit:
+    audit, recorder = ParameterAudit(owners_of(table)), CallRecorder()
+    with patched(lambda p: _install(p, modules, table, recorder, audit)), torch.no_grad():
+        with _Audit(audit, {id(t): n for n, t in params.items()}):
             call(params, x)
-    finally:
-        for handle in handles:
-            handle.remove()
 
-    def apply_probed(p: Mapping[str, torch.Tensor], probes: Mapping[str, torch.Tensor], x: torch.Tensor) -> tuple:
-        handles, inputs, _ = with_hooks(probes, None)
-        try:
-            return call(p, x), inputs
-        finally:
-            for handle in handles:
-                handle.remove()
+    def apply_probed(p: Mapping[str, torch.Tensor], probes: Mapping[str, torch.Tensor], batch: torch.Tensor) -> tuple:
+        probed = CallRecorder(probes)
+        with patched(lambda patches: _install(patches, modules, table, probed, ParameterAudit({}))):
+            return call(p, batch), probed.inputs
 
-    uses = tuple(
-        LayerUse(
-            key,
-            key.partition("#")[0],
-            supported[key.partition("#")[0]][1],
-            supported[key.partition("#")[0]][2],
-            supported[key.partition("#")[0]][3],
-            native_layout=True,  # torch's weights are laid out (out, in, *kernel), tables (vocabulary, F)
-        )
-        for key in shapes
+    return build_capture(
+        table,
+        recorder.shapes,
+        apply_probed,
+        unsupported=tuple(unsupported),
+        excluded=audit.excluded("is also used outside its layer"),
+        framework_gradients=frozenset({"conv"}),  # torch's convolution backward beats patches and a matmul
+        native_layout=True,  # torch's weights are laid out (out, in, *kernel), tables (vocabulary, F)
     )
-    excluded = {name: "is also used outside its layer" for name in sorted(audit.outside)}
-    return Capture(uses, apply_probed, shapes, tuple(unsupported), excluded, frozenset({"conv"}))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import ntkcore
-from ntkcore.algorithms._common import layer_name
+from ntkcore.arrays import layer_name
 from tests.models.spec import inputs
 
 DTYPE = "float64"

@@ -94,7 +94,7 @@ def test_compiled_kernels_are_reused_only_when_valid(jax_zoo):
     compiled = []
     for params in ({"w": w, "scale": jnp.asarray(2)}, {"w": w, "scale": three}, {"w": 2 * w, "scale": three}):
         kernel = ntkcore.ntk(f, x1, x2, params=params)
-        compiled.append(set(map(id, ntkcore.api._COMPILED.values())))
+        compiled.append(set(map(id, ntkcore.compiled._COMPILED.values())))
         scale = params["scale"]
         expected = _reference(jax, lambda w_, x, s=scale: f({"w": w_, "scale": s}, x), params["w"], x1, x2)
         np.testing.assert_allclose(np.asarray(kernel), expected, rtol=1e-10)

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 
 import ntkcore
+from ntkcore.implementations import AUTO, REGISTRY
 from ntkcore.testing import reference_kernel
 from tests.models.spec import CASES, inputs, spec
 
-IMPLEMENTATIONS = ("jacobian_contraction", "ntk_vector_products", "structured", "auto")
+IMPLEMENTATIONS = (*REGISTRY, AUTO)
 AXES = {
     "full": {},
     "trace": {"trace_axes": (-1,)},
@@ -143,12 +144,12 @@ def test_nngp(backend, zoo, case):
 def test_chunked_and_blocked_paths(backend, zoo, case, axes, monkeypatch):
     """NTK-vector products over x2 in chunks of 2 (with a remainder) and Jacobian contraction
     summed over contraction blocks of 7 elements give the same kernel as the one-shot paths."""
-    from ntkcore import api
-    from ntkcore.algorithms import jacobian_contraction, ntk_vector_products
+    from ntkcore import compiled, contraction
+    from ntkcore.implementations import ntk_vector_products
 
-    monkeypatch.setattr(api, "_COMPILED", type(api._COMPILED)())  # trace afresh with the patched sizes
+    monkeypatch.setattr(compiled, "_COMPILED", type(compiled._COMPILED)())  # trace afresh with the patched sizes
     monkeypatch.setattr(ntk_vector_products, "chunk_size", lambda *args: 2)
-    monkeypatch.setattr(jacobian_contraction, "CONTRACT_BLOCK", 7)
+    monkeypatch.setattr(contraction, "CONTRACT_BLOCK", 7)
     x1, x2 = inputs(case)
     assert len(x2) % 2 == 1 or len(x1) % 2 == 1, "the chunks should leave a remainder"
     for implementation in ("ntk_vector_products", "jacobian_contraction"):

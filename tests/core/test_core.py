@@ -14,7 +14,7 @@ import pytest
 import ntkcore
 from ntkcore import registry
 from ntkcore.axes import KernelAxes
-from ntkcore.implementation import Implementation
+from ntkcore.implementations import Implementation
 from ntkcore.testing import reference_kernel
 
 PLUGIN_DIR = Path(__file__).parent / "plugin"

@@ -13,7 +13,7 @@ import ntkcore
 from ntkcore import cost_model, memory
 from ntkcore.axes import KernelAxes
 from ntkcore.cost_model import ModelShape, estimate
-from ntkcore.rules import dense_orders
+from ntkcore.rules.dense import orders as dense_orders
 
 CONSTANTS = cost_model.constants("jax", "cpu")
 

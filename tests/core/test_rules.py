@@ -13,8 +13,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from ntkcore import rules  # noqa: E402
 from ntkcore.axes import KernelAxes  # noqa: E402
+from ntkcore.rules import affine, conv, dense, embedding  # noqa: E402
 from ntkcore.testing import reference_kernel  # noqa: E402
 
 xp = pytest.importorskip("array_api_compat").array_namespace(np.empty(0))
@@ -64,10 +64,10 @@ def test_dense(layout, order, which):
         if "bias" in roles:
             j["bias"] = gi.sum(axis=-2)
         jac.append(j)
-    actual = rules.dense(xp, x[0], g[0], x[1], g[1], _axes(n1, out, trace, diagonal), roles, order=order)
+    actual = dense.kernel(xp, x[0], g[0], x[1], g[1], _axes(n1, out, trace, diagonal), roles, order=order)
     _check(actual, jac[0], jac[1], out, trace, diagonal)
     # per-example gradients in the (out, in) layout of a torch weight
-    gradients = rules.dense_gradients(xp, x[0], g[0], roles)
+    gradients = dense.gradients(xp, x[0], g[0], roles)
     if "weight" in roles:
         w = np.einsum("n...sf,nsi->n...fi", g[0], x[0])
         np.testing.assert_allclose(gradients["weight"], w.reshape(*w.shape[:-2], -1), rtol=1e-12, atol=1e-12)
@@ -83,9 +83,9 @@ def test_affine(layout):
     x = [rng.normal(size=(n, s, f)) for n in (n1, n2)]
     g = [rng.normal(size=(n, *out, s, f)) for n in (n1, n2)]
     jac = [{"scale": np.einsum("n...sf,nsf->n...f", gi, xi), "shift": gi.sum(axis=-2)} for xi, gi in zip(x, g)]
-    actual = rules.affine(xp, x[0], g[0], x[1], g[1], _axes(n1, out, trace, diagonal), {"scale", "shift"})
+    actual = affine.kernel(xp, x[0], g[0], x[1], g[1], _axes(n1, out, trace, diagonal), {"scale", "shift"})
     _check(actual, jac[0], jac[1], out, trace, diagonal)
-    for role, gradient in rules.affine_gradients(xp, x[0], g[0], {"scale", "shift"}).items():
+    for role, gradient in affine.gradients(xp, x[0], g[0], {"scale", "shift"}).items():
         np.testing.assert_allclose(gradient, jac[0][role], rtol=1e-12, atol=1e-12)
 
 
@@ -101,9 +101,9 @@ def test_embedding(layout, vocabulary):
         one_hot = np.eye(vocabulary)[ii]
         t = np.einsum("n...sf,nsv->n...vf", gi, one_hot)
         jac.append({"table": t.reshape(*t.shape[:-2], -1)})
-    actual = rules.embedding(xp, ids[0], g[0], ids[1], g[1], _axes(n1, out, trace, diagonal), {"table"})
+    actual = embedding.kernel(xp, ids[0], g[0], ids[1], g[1], _axes(n1, out, trace, diagonal), {"table"})
     _check(actual, jac[0], jac[1], out, trace, diagonal)
-    gradient = rules.embedding_gradients(xp, ids[0], g[0], {"table"}, {"table": (vocabulary, f)})["table"]
+    gradient = embedding.gradients(xp, ids[0], g[0], {"table"}, {"table": (vocabulary, f)})["table"]
     np.testing.assert_allclose(gradient, jac[0]["table"], rtol=1e-12, atol=1e-12)
 
 
@@ -120,5 +120,5 @@ def test_conv(layout, groups):
         grouped = gi.reshape(*gi.shape[:-1], groups, f)
         w = np.einsum("n...scf,nsck->n...cfk", grouped, xi)
         jac.append({"weight": w.reshape(*w.shape[:-3], -1), "bias": gi.sum(axis=-2)})
-    actual = rules.conv(xp, x[0], g[0], x[1], g[1], _axes(n1, out, trace, diagonal), {"weight", "bias"})
+    actual = conv.kernel(xp, x[0], g[0], x[1], g[1], _axes(n1, out, trace, diagonal), {"weight", "bias"})
     _check(actual, jac[0], jac[1], out, trace, diagonal)

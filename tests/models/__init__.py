@@ -19,11 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-FRAMEWORK_MODULES = {
-    "jax": "tests.models.jax_models",
-    "torch": "tests.models.torch_models",
-    "tensorflow": "tests.models.tensorflow_models",
-}
+from ntkcore.registry import BUILTIN
+
+FRAMEWORK_MODULES = {name: f"tests.models.{name}_models" for name in BUILTIN}
 
 
 @dataclass

@@ -1,9 +1,8 @@
-"""Jacobian contraction (arXiv 2206.08720, section 3.1).
+"""Θ = Σ_params J1·J2ᵀ for per-example Jacobians, with trace and diagonal axes folded into one
+batched matmul: the contraction every implementation and rule ends in.
 
-Per-example Jacobians J = df/dθ are built with one vjp per output component, vectorised
-(N·O backward passes, N·O·[FP]), then contracted Θ = J1·J2ᵀ parameter by parameter
-(N1·N2·O²·P). Traced axes join the contracted dimension and diagonal axes become a batch
-dimension of the matmul, so neither costs more than its result.
+Traced axes join the contracted dimension and diagonal axes become a batch dimension of the
+matmul, so neither costs more than its result.
 """
 
 from __future__ import annotations
@@ -12,32 +11,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from ..axes import KernelAxes, permute_to
-from ..protocol import AutodiffBackend, Params
-from ._common import output_basis
-
-
-def jacobians(
-    backend: AutodiffBackend, apply: Any, params: Params, x: Any, out_shape: tuple[int, ...], *, coupled: bool
-) -> dict[str, Any]:
-    """Jacobians ``name -> array of shape (N, *out_shape, *param.shape)``.
-
-    Independent examples: a vmap over examples of O vectorised vjps (N·O·[FP]). Coupled
-    examples (``coupled=True``): N·O vjps of the whole batch.
-    """
-    xp = backend.namespace(x)
-    if coupled:
-        out, pullback = backend.vjp(lambda p: apply(p, x), params)
-        jac = backend.vmap(pullback, (0,))(output_basis(xp, out))
-    else:
-
-        def one_example(x_i: Any) -> dict[str, Any]:
-            out, pullback = backend.vjp(lambda p: apply(p, x_i[None, ...])[0, ...], params)
-            return backend.vmap(pullback, (0,))(output_basis(xp, out))
-
-        jac = backend.vmap(one_example, (0,))(x)
-    return {k: xp.reshape(v, (x.shape[0], *out_shape, *params[k].shape)) for k, v in jac.items()}
-
+from .axes import KernelAxes, permute_to
 
 # Contracted elements per partial product. A float32 matmul with an inner dimension of ~1e8
 # (O·P of one wide layer) accumulates error that grows with its length (seen: 1e-2 relative
@@ -88,3 +62,19 @@ def contract(
     labels = [("d", a) for a in d_axes] + [(1, a) for a in k_axes] + [(2, a) for a in k_axes]
     sizes = sizes_d + [shape1[a] for a in k_axes] + [shape2[a] for a in k_axes]
     return permute_to(xp, xp.reshape(total, tuple(sizes)), labels, axes.final_labels())
+
+
+def contract_by_layer(
+    xp: Any,
+    jac1: Mapping[str, Any],
+    jac2: Mapping[str, Any],
+    axes: KernelAxes,
+    shape1: tuple[int, ...],
+    shape2: tuple[int, ...],
+    layers: Mapping[str, list[str]],
+) -> dict[str, Any]:
+    """Layer name -> the contraction of that layer's parameters (``layers``: layer -> names)."""
+    return {
+        layer: contract(xp, {n: jac1[n] for n in names}, {n: jac2[n] for n in names}, axes, shape1, shape2)
+        for layer, names in layers.items()
+    }

@@ -19,11 +19,19 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
+from ..arrays import device_of, layer_name, output_basis
 from ..axes import KernelAxes
+from ..contraction import contract
+from ..model_shape import FALLBACK, FRAMEWORK, SHARED, ModelShape
 from ..protocol import AutodiffBackend, Capture, LayerUse, Params
-from ..rules import GRADIENTS, RULES
-from ._common import device_of, output_basis
-from .jacobian_contraction import contract
+from ..rules import RULES
+from ..rules.base import per_example_cost
+from ..sizes import CallSizes
+from .base import Cost, KernelCall, Method
+
+
+class StructuredFallbackWarning(UserWarning):
+    """Some parameters are computed by the exact per-layer fallback, not by a structure rule."""
 
 
 def plan(capture: Capture, params: Params) -> tuple[list[list[LayerUse]], list[LayerUse], list[str], list[str]]:
@@ -48,7 +56,7 @@ def plan(capture: Capture, params: Params) -> tuple[list[list[LayerUse]], list[L
     shared_names: set[str] = set()
     for name, uses in by_param.items():
         if len({signature(u) for u in uses}) > 1 and name not in rejected:
-            if all(u.native_layout and u.kind in GRADIENTS for u in uses):
+            if all(u.native_layout and RULES[u.kind].native_gradients for u in uses):
                 shared_names.add(name)
             else:
                 rejected.add(name)
@@ -107,24 +115,19 @@ def _pieces(
 
 
 def _normalise(xp: Any, use: LayerUse, inputs: Any, cotangents: Any, out_shape: tuple[int, ...]) -> tuple[Any, Any]:
-    """Input to (N, S, in) — (N, S) for ids — and g to (N, *out, S, F), features last."""
+    """g to (N, *out, S, F), features last, and the structured input as the kind's rule wants it."""
     n = inputs.shape[0]
     g = cotangents  # (N, O, 1, ..., F) with the layer output's own layout after (N, O)
+    order = None
     if use.feature_axis != -1:
         rank = len(g.shape) - 2
         axis = use.feature_axis % rank
         order = [i for i in range(rank) if i != axis] + [axis]
         g = xp.permute_dims(g, (0, 1, *(2 + i for i in order)))
-        if use.kind == "affine":  # x̂ has the layout of the output
-            inputs = xp.permute_dims(inputs, (0, *(1 + i for i in order)))
     features = g.shape[-1]
     tokens = math.prod(g.shape[2:-1])
     g = xp.reshape(g, (n, *out_shape, tokens, features))
-    if use.kind == "embedding":
-        return xp.reshape(inputs, (n, tokens)), g
-    if use.kind == "conv":  # patches (N, 1, S, G, K) from the adapter
-        return xp.reshape(inputs, (n, tokens, *inputs.shape[-2:])), g
-    return xp.reshape(inputs, (n, tokens, inputs.shape[-1])), g
+    return RULES[use.kind].structured_input(xp, inputs, n, tokens, order), g
 
 
 def _group_arrays(xp: Any, group: list[LayerUse], inputs: dict, g: dict, out_shape: tuple[int, ...]) -> tuple:
@@ -140,10 +143,44 @@ def _shared_gradients(xp: Any, uses: list[LayerUse], params: Params, inputs: dic
     for use in uses:
         x, gu = _normalise(xp, use, inputs[use.key], g[use.key], out_shape)
         shapes = {role: tuple(params[name].shape) for role, name in use.params.items()}
-        for role, grad in GRADIENTS[use.kind](xp, x, gu, set(use.params), shapes).items():
+        for role, grad in RULES[use.kind].gradients(xp, x, gu, set(use.params), shapes).items():
             name = use.params[role]
             total[name] = grad if name not in total else total[name] + grad
     return total
+
+
+class _Parts:
+    """Layer contributions, summed per layer name (all under one name for the whole kernel)."""
+
+    def __init__(self, xp: Any, axes: KernelAxes, shapes: tuple, layer_of: Callable[[str], str] | None) -> None:
+        self.xp, self.axes, self.shapes = xp, axes, shapes
+        self.key = layer_of or (lambda name: "")
+        self.parts: dict[str, Any] = {}
+
+    def add(self, layer: str, part: Any) -> None:
+        self.parts[layer] = part if layer not in self.parts else self.parts[layer] + part
+
+    def contract_by_layer(self, j1: dict, j2: dict) -> None:
+        names: dict[str, list[str]] = defaultdict(list)
+        for name in j1:
+            names[self.key(name)].append(name)
+        for layer, chosen in names.items():
+            part = contract(self.xp, {n: j1[n] for n in chosen}, {n: j2[n] for n in chosen}, self.axes, *self.shapes)
+            self.add(layer, part)
+
+    def rule(self, group: list[LayerUse], a1: Any, b1: Any, a2: Any, b2: Any) -> None:
+        """The group's rule, applied once per layer its roles belong to."""
+        roles: dict[str, set[str]] = defaultdict(set)
+        for role, name in group[0].params.items():
+            roles[self.key(name)].add(role)
+        for layer, chosen in roles.items():
+            self.add(layer, RULES[group[0].kind].kernel(self.xp, a1, b1, a2, b2, self.axes, chosen))
+
+    def total(self) -> Any:
+        total = None
+        for part in self.parts.values():
+            total = part if total is None else total + part
+        return total
 
 
 def kernel(
@@ -162,7 +199,6 @@ def kernel(
     instead of their sum: a rule is applied once per layer its roles belong to.
     """
     xp = backend.namespace(x1)
-    key = layer_of or (lambda name: "")
     groups, shared, fallback, _ = plan(capture, params)
     # fallback parameters, and kinds whose per-example gradients the framework computes best,
     # are differentiated directly in the backward passes that give the cotangents
@@ -175,36 +211,76 @@ def kernel(
         (inputs1, g1, jac1) if x2 is None else _pieces(backend, capture, params, x2, out_shape, direct, needed)
     )
     shape1 = (x1.shape[0], *out_shape)
-    shape2 = shape1 if x2 is None else (x2.shape[0], *out_shape)
-    parts: dict[str, Any] = {}
-
-    def add(layer: str, part: Any) -> None:
-        parts[layer] = part if layer not in parts else parts[layer] + part
-
-    def contract_by_layer(j1: dict, j2: dict) -> None:
-        names: dict[str, list[str]] = defaultdict(list)
-        for name in j1:
-            names[key(name)].append(name)
-        for layer, chosen in names.items():
-            add(layer, contract(xp, {n: j1[n] for n in chosen}, {n: j2[n] for n in chosen}, axes, shape1, shape2))
-
+    parts = _Parts(xp, axes, (shape1, shape1 if x2 is None else (x2.shape[0], *out_shape)), layer_of)
     for group in groups:
         a1, b1 = _group_arrays(xp, group, inputs1, g1, out_shape)
         a2, b2 = (a1, b1) if x2 is None else _group_arrays(xp, group, inputs2, g2, out_shape)
-        roles: dict[str, set[str]] = defaultdict(set)
-        for role, name in group[0].params.items():
-            roles[key(name)].add(role)
-        for layer, chosen in roles.items():
-            add(layer, RULES[group[0].kind](xp, a1, b1, a2, b2, axes, chosen))
+        parts.rule(group, a1, b1, a2, b2)
     if shared:
         s1 = _shared_gradients(xp, shared, params, inputs1, g1, out_shape)
         s2 = s1 if x2 is None else _shared_gradients(xp, shared, params, inputs2, g2, out_shape)
-        contract_by_layer(s1, s2)
+        parts.contract_by_layer(s1, s2)
     if direct:
-        contract_by_layer(jac1, jac2)
-    if layer_of is not None:
-        return parts
-    total = None
-    for part in parts.values():
-        total = part if total is None else total + part
-    return total
+        parts.contract_by_layer(jac1, jac2)
+    return parts.parts if layer_of is not None else parts.total()
+
+
+def _rule_terms(shape: ModelShape, sizes: CallSizes) -> tuple[float, float, float, float]:
+    """(contraction FLOPs, largest rule intermediate, all rule intermediates, direct gradients) of
+    the layers' rules; sizes in elements."""
+    flops = largest = written = gradients = 0.0
+    for layer in shape.layers:
+        size = sum(layer.sizes.values())
+        if layer.rule in RULES:
+            cost, elements = RULES[layer.rule].cost(layer, sizes)
+        elif layer.rule == SHARED:  # per-example gradients, summed, then contracted
+            cost, elements = per_example_cost(layer.tokens, size, sizes)
+        else:  # framework gradients and fallbacks: contracted with the direct Jacobians
+            cost, elements = 2.0 * sizes.pairs * size, 0.0
+            gradients += sizes.nx * sizes.outputs * size
+        flops += cost
+        largest = max(largest, elements)
+        written += elements
+    return flops, largest, written, gradients
+
+
+class StructuredDerivatives(Method):
+    name = "structured"
+    label = "SD"
+    title = "structured derivatives"
+    uses_capture = True
+    batch_coupled = False
+
+    def kernel(self, call: KernelCall, params: Params, x1: Any, x2: Any) -> Any:
+        return kernel(call.backend, call.capture, params, x1, x2, call.axes, call.out_shape)
+
+    def per_layer(self, call: KernelCall, params: Params, x1: Any, x2: Any, layers: Any) -> dict[str, Any]:
+        """From the same pieces as the whole kernel."""
+        parts = kernel(call.backend, call.capture, params, x1, x2, call.axes, call.out_shape, layer_of=layer_name)
+        return {layer: parts[layer] for layer in layers}
+
+    def cost(self, shape: ModelShape, sizes: CallSizes, itemsize: int) -> Cost:
+        """N·(F + O·F) for the cotangents (input cotangents only), N·O·F_d more for the weight
+        gradients of parameters differentiated directly (fallbacks, kinds the framework
+        differentiates; F_d their layers' forward FLOPs), then each layer's rule and the
+        contraction of the direct ones."""
+        nx, o, a = sizes.nx, sizes.outputs, shape.activations
+        passes = nx * (shape.forward_flops + o * shape.forward_flops) + nx * o * shape.direct_flops
+        contraction, largest, written, gradients = _rule_terms(shape, sizes)
+        peak = nx * o * a + nx * a + largest + gradients + sizes.entries
+        traffic = nx * o * a + nx * a + written + gradients + sizes.entries
+        return Cost(passes, contraction, peak, traffic)
+
+
+def describe(layer: Any, sizes: CallSizes) -> str:
+    """How structured derivatives treat a captured layer (:class:`~ntkcore.model_shape.LayerShape`)."""
+    if layer.rule == FRAMEWORK:
+        return f"{layer.kind}: per-example gradients from the framework's backward pass"
+    if layer.rule == SHARED:
+        return f"{layer.kind} rule's per-example gradients, summed over the layers sharing the parameter"
+    if layer.rule.startswith(FALLBACK):
+        return "exact per-layer Jacobian contraction (" + layer.rule.removeprefix(FALLBACK) + ")"
+    return RULES[layer.rule].describe(layer, sizes)
+
+
+METHOD = StructuredDerivatives()

@@ -1,4 +1,4 @@
-"""Small helpers shared by the algorithms."""
+"""Array helpers shared by the implementations and the rules (array-API terms, no framework)."""
 
 from __future__ import annotations
 

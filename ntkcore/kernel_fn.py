@@ -1,0 +1,338 @@
+"""``KernelFn``: one model's reusable kernel. It resolves the backend and prepares the model on
+first use, checks inputs, lets ``auto`` choose, and runs the chosen implementation compiled (or
+tile by tile, :mod:`ntkcore.large_n`, through the small public interface below)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from . import compiled, large_n, memory
+from .arrays import device_of, itemsize
+from .axes import KernelAxes
+from .cost_model import Estimate, constants, device_class, estimate, model_shape
+from .explain import Explanation, MemoryBudgetError, budget_message, choose, describe_layers
+from .implementations import REGISTRY, Implementation, KernelCall, Method
+from .implementations.structured import StructuredFallbackWarning, plan
+from .inputs import check_pair, output_shape
+from .protocol import AutodiffBackend, Capture, PreparedModel
+from .registry import detect_backend, get_backend
+
+Resolved = tuple[Any, Any, tuple[int, ...], KernelAxes]  # x1, x2, per-example output shape, axes
+
+
+def _check_options(per_layer: Any, batch_size: Any, executor: Any, batch_independent: Any) -> None:
+    if per_layer not in (True, False):
+        raise TypeError(f"per_layer must be True or False, got {per_layer!r}")
+    if per_layer and (batch_size is not None or executor is not None):
+        raise ValueError(
+            "per_layer=True returns the layers' kernels in memory: it cannot be tiled "
+            "(batch_size=) or distributed (executor=)"
+        )
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive number of examples per tile, got {batch_size!r}")
+    if batch_independent not in (None, True, False):
+        raise TypeError(f"batch_independent must be None, True or False, got {batch_independent!r}")
+
+
+class KernelFn:
+    """A reusable ``kernel(x1, x2=None)`` for one model; see :func:`ntkcore.ntk_fn`.
+
+    The backend and the prepared model are resolved on first use (so a JAX function whose
+    framework shows only in its inputs works too); compiled kernels are cached per output
+    shape, axes and x2-reuse, and the framework's compiler caches per input shape.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        params: Any = None,
+        implementation: Any = "auto",
+        trace_axes: Any = (),
+        diagonal_axes: Any = (),
+        backend: str | None = None,
+        batch_independent: bool | None = None,
+        kind: str = "ntk",
+        memory_budget: Any = None,
+        batch_size: int | None = None,
+        progress: bool | None = None,
+        executor: Any = None,
+        per_layer: bool = False,
+    ) -> None:
+        _check_options(per_layer, batch_size, executor, batch_independent)
+        self._model, self._params, self._kind = model, params, kind
+        self._implementation = Implementation.parse(implementation)
+        self._memory_budget = memory.parse_budget(memory_budget)
+        self._batch_size, self._progress, self._executor, self._per_layer = batch_size, progress, executor, per_layer
+        self._backend_name, self._axes_args, self._batch_independent = (
+            backend,
+            (trace_axes, diagonal_axes),
+            batch_independent,
+        )
+        self._backend: AutodiffBackend | None = get_backend(backend) if backend is not None else None
+        self._prepared: PreparedModel | None = None
+        self._out_shapes: dict[tuple, tuple[int, ...]] = {}
+        if self._backend is not None:
+            self._prepare()
+
+    def _prepare(self, arrays: tuple[Any, ...] = ()) -> None:
+        if self._backend is None:
+            self._backend = detect_backend(self._model, self._params, arrays)
+        prepared = self._backend.prepare(self._model, self._params)
+        if self._kind == "ntk" and not prepared.params:
+            raise ValueError(
+                "model has no trainable parameters: the NTK is taken with respect to trainable "
+                "parameters (torch requires_grad=True, Keras/TF trainable variables, JAX params=)"
+            )
+        if prepared.batch_coupled and self._batch_independent is None:
+            raise ValueError(
+                f"model: {prepared.batch_coupled} makes examples in a batch interact, so the "
+                "per-example kernel would be wrong. Put the model in inference mode (e.g. "
+                "model.eval()), or pass batch_independent=False to compute the exact kernel of "
+                "the batch as a whole."
+            )
+        self._prepared = prepared
+
+    # -- the interface of the tiled path and the operators ----------------------------------
+    @property
+    def backend(self) -> AutodiffBackend | None:
+        """The resolved adapter (``None`` until it can be inferred)."""
+        return self._backend
+
+    @property
+    def prepared(self) -> PreparedModel | None:
+        """The prepared model (``None`` until the backend is resolved)."""
+        return self._prepared
+
+    @property
+    def dtype_name(self) -> str:
+        """The parameters' dtype, as the adapter names it."""
+        return self._backend.dtype_name(next(iter(self._prepared.params.values())))
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per kernel entry."""
+        return itemsize(self.dtype_name)
+
+    def resolve(self, x1: Any, x2: Any) -> Resolved:
+        """Prepare the model on first use and check the inputs; returns them converted, with
+        f's per-example output shape and the validated axes."""
+        if self._prepared is None:
+            self._prepare(tuple(a for a in (x1, x2) if a is not None))
+        x1, x2 = check_pair(self._backend, self._prepared, x1, x2)
+        coupled = self._batch_independent is False
+        key = (tuple(x1.shape[1:]), self._backend.dtype_name(x1), x1.shape[0] if coupled else None)
+        if key not in self._out_shapes:
+            self._out_shapes[key] = output_shape(self._backend, self._prepared, x1, coupled)
+        out_shape = self._out_shapes[key]
+        axes = KernelAxes.create(*self._axes_args, (x1.shape[0], *out_shape))
+        if x2 is not None and 0 in axes.diagonal and x2.shape[0] != x1.shape[0]:
+            raise ValueError(
+                f"diagonal_axes contains the batch axis 0, which pairs x1[i] with x2[i], but x1 has "
+                f"{x1.shape[0]} examples and x2 has {x2.shape[0]}"
+            )
+        return x1, x2, out_shape, axes
+
+    def budget(self) -> tuple[float | None, str]:
+        """The memory budget in bytes (``None``: unknown, no limit) and where it comes from."""
+        if self._memory_budget is not None:
+            return self._memory_budget, "memory_budget="
+        budget = memory.default_budget(self._backend, next(iter(self._prepared.params.values())))
+        if budget is None:
+            return None, "free memory unknown on this device: no limit"
+        return budget, f"{memory.BUDGET_FRACTION:.0%} of the free memory"
+
+    def estimates(self, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes) -> dict[str, Estimate]:
+        """Every candidate implementation's predicted cost on these (checked) inputs."""
+        return self._estimates(x1, x2, out_shape, axes)[0]
+
+    def spec(self) -> dict:
+        """The arguments that rebuild this kernel function in another process (a Dask worker)."""
+        return {
+            "model": self._model,
+            "params": self._params,
+            "implementation": self._implementation,
+            "trace_axes": self._axes_args[0],
+            "diagonal_axes": self._axes_args[1],
+            "backend": self._backend.name if self._backend is not None else self._backend_name,
+            "batch_independent": self._batch_independent,
+            "kind": self._kind,
+            "memory_budget": self._memory_budget,
+        }
+
+    def options(self, batch_size: int) -> dict:
+        """What a stored kernel depends on besides parameters and inputs (its fingerprint)."""
+        trace, diagonal = self._axes_args
+        return {
+            "kind": self._kind,
+            "backend": self._backend.name,
+            "implementation": self._implementation.value,
+            "trace_axes": repr(trace),
+            "diagonal_axes": repr(diagonal),
+            "batch_independent": self._batch_independent,
+            "batch_size": batch_size,
+        }
+
+    # -- the call ----------------------------------------------------------------------------
+    def __call__(self, x1: Any, x2: Any = None, *, out: Any = None, overwrite: bool = False) -> Any:
+        """The kernel between ``x1`` and ``x2`` (``x2=None`` reuses x1's work).
+
+        With ``batch_size``, ``out`` (a ``.zarr`` or ``.npy`` path: written tile by tile,
+        resumable, returned opened read-only) or an ``executor``, or when ``"auto"`` finds that
+        the whole kernel at once does not fit the memory budget, it is computed tile by tile
+        (:mod:`ntkcore.large_n`).
+        """
+        x1, x2, out_shape, axes = self.resolve(x1, x2)
+        if self._per_layer:
+            if out is not None:
+                raise ValueError("per_layer=True returns the layers' kernels in memory: out= is not supported")
+            return self.untiled(x1, x2, out_shape, axes)
+        size = self._batch_size
+        if size is None and (out is not None or self._executor is not None or not self._fits(x1, x2, out_shape, axes)):
+            size = large_n.tile_size(self, x1, x2, out_shape, axes, on_disk=out is not None)
+        if size is None:
+            return self.untiled(x1, x2, out_shape, axes)
+        return large_n.compute(
+            self, x1, x2, out_shape, axes, batch_size=size, out=out, overwrite=overwrite,
+            progress=self._progress, executor=self._executor,
+        )  # fmt: skip
+
+    def _fits(self, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes) -> bool:
+        """Whether the whole kernel can be computed at once (``"auto"``: some method fits the
+        budget; an explicit implementation is always run as asked)."""
+        if self._kind == "nngp" or self._implementation is not Implementation.AUTO:
+            return True
+        try:
+            self._auto_choice(x1, x2, out_shape, axes)
+        except MemoryBudgetError:
+            return False
+        return True
+
+    def _method(self, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes) -> Method | None:
+        """The implementation this call runs (``None``: the NNGP kernel)."""
+        if self._kind == "nngp":
+            return None
+        name = self._implementation.value
+        if self._implementation is Implementation.AUTO:
+            name = self._auto_choice(x1, x2, out_shape, axes)
+        method = REGISTRY[name]
+        if self._batch_independent is False and not method.batch_coupled:
+            warnings.warn(
+                f"{method.title} assume independent examples; with batch_independent=False the kernel is "
+                f"computed by {REGISTRY[method.coupled_substitute].title}",
+                StructuredFallbackWarning,
+                stacklevel=4,
+            )
+            method = REGISTRY[method.coupled_substitute]
+        return method
+
+    def untiled(self, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes) -> Any:
+        """The kernel in one computation, on checked inputs (:meth:`resolve`)."""
+        method = self._method(x1, x2, out_shape, axes)
+        capture = self._capture(x1, warn=True) if method is not None and method.uses_capture else None
+        call = KernelCall(
+            self._backend, self._prepared.apply, axes, out_shape, self._batch_independent is False, capture
+        )
+        kernel = compiled.compiled_kernel(call, method, reuse=x2 is None, per_layer=self._per_layer)
+        return kernel(self._prepared.params, x1) if x2 is None else kernel(self._prepared.params, x1, x2)
+
+    # -- auto and explain --------------------------------------------------------------------
+    def explain(self, x1: Any, x2: Any = None) -> Explanation:
+        """What a call on these inputs would do, predicted with nothing computed or compiled:
+        FLOPs, peak bytes and time of every implementation, the choice, each layer's rule."""
+        x1, x2, out_shape, axes = self.resolve(x1, x2)
+        estimates, shape, device, unavailable = self._estimates(x1, x2, out_shape, axes)
+        budget, budget_source = self.budget()
+        auto = self._implementation is Implementation.AUTO
+        n2 = None if x2 is None else x2.shape[0]
+        return Explanation(
+            backend=self._backend.name,
+            device=device,
+            dtype=self._backend.dtype_name(x1),
+            n1=x1.shape[0],
+            n2=n2,
+            out_shape=out_shape,
+            kernel_shape=self._kernel_shape(x1, x2, out_shape, axes),
+            choice=choose(estimates, budget) if auto else self._implementation.value,
+            estimates=estimates,
+            budget_bytes=budget,
+            budget_source=budget_source,
+            layers=describe_layers(shape, x1.shape[0], n2, out_shape, axes),
+            structured_unavailable=unavailable,
+        )
+
+    def _estimates(self, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes) -> tuple:
+        """(every candidate's estimate, the model's sizes, the device class, why the methods
+        that use the layer capture are not candidates — ``None`` when they are)."""
+        backend, prepared = self._backend, self._prepared
+        like = next(iter(prepared.params.values()))
+        capture = layers = None
+        unavailable = "examples interact (batch_independent=False)" if self._batch_independent is False else None
+        if unavailable is None:
+            try:
+                capture = self._capture(x1, warn=False)
+                layers = plan(capture, prepared.params)
+            except Exception as error:  # auto must not fail because one method cannot run
+                capture, unavailable = None, f"the adapter cannot capture this model's layers: {error}"
+        shape = model_shape(capture, prepared.params, layers)
+        device = device_class(device_of(like))
+        table, size = constants(backend.name, device), itemsize(backend.dtype_name(like))
+        n2 = None if x2 is None else x2.shape[0]
+        candidates = [name for name, m in REGISTRY.items() if not m.uses_capture or capture is not None]
+        estimates = {m: estimate(shape, m, x1.shape[0], n2, out_shape, axes, size, table) for m in candidates}
+        return estimates, shape, device, unavailable
+
+    def _auto_choice(self, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes) -> str:
+        """The cheapest predicted implementation that fits the budget, cached per shapes."""
+        backend = self._backend
+        key = (
+            backend.name, self._prepared.apply, tuple(x1.shape), None if x2 is None else tuple(x2.shape),
+            backend.dtype_name(x1), out_shape, axes, self._batch_independent, self._memory_budget,
+        )  # fmt: skip
+        return compiled.lookup(compiled._CHOICES, key, lambda: self._choose(x1, x2, out_shape, axes))
+
+    def _choose(self, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes) -> str:
+        estimates = self.estimates(x1, x2, out_shape, axes)
+        budget, source = self.budget()
+        choice = choose(estimates, budget)
+        if choice is None:
+            shape = self._kernel_shape(x1, x2, out_shape, axes)
+            raise MemoryBudgetError(budget_message(estimates, budget, source, shape))
+        return choice
+
+    @staticmethod
+    def _kernel_shape(x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes) -> tuple[int, ...]:
+        return axes.kernel_shape((x1.shape[0], *out_shape), ((x1 if x2 is None else x2).shape[0], *out_shape))
+
+    def _capture(self, x1: Any, *, warn: bool) -> Capture:
+        """The adapter's layer capture for this model and input shape; with ``warn``, warns once
+        about the parameters that take the exact fallback.
+
+        Shared across calls through the identity of ``apply`` (like compiled kernels), so that
+        repeated ``ntk()`` calls reuse both the capture and the kernel compiled with it.
+        """
+        backend = self._backend
+        key = (backend.name, self._prepared.apply, tuple(x1.shape[1:]), backend.dtype_name(x1))
+        entry = compiled.lookup(compiled._CAPTURES, key, lambda: [self._new_capture(x1), False])
+        if warn and not entry[1]:
+            entry[1] = True  # warned
+            _, _, fallback, reasons = plan(entry[0], self._prepared.params)
+            if fallback:
+                warnings.warn(
+                    f"structured derivatives: {'; '.join(reasons) or 'uncaptured parameters'}. Parameters "
+                    f"{fallback} use the exact per-layer Jacobian contraction instead",
+                    StructuredFallbackWarning,
+                    stacklevel=4,
+                )
+        return entry[0]
+
+    def _new_capture(self, x1: Any) -> Capture:
+        try:
+            return self._backend.capture(self._prepared, x1[:1])
+        except NotImplementedError as error:
+            needs = " / ".join(f'implementation="{name}"' for name, m in REGISTRY.items() if m.uses_capture)
+            others = ", ".join(f'"{name}"' for name, m in REGISTRY.items() if not m.uses_capture)
+            raise NotImplementedError(
+                f'{needs} is not available for the {self._backend.name} backend yet ({error}); use {others} or "auto"'
+            ) from None
