@@ -10,28 +10,35 @@ from .explain import Explanation, MemoryBudgetError
 from .factorize import factorize
 from .implementations import Implementation
 from .implementations.structured import StructuredFallbackWarning
+from .inputs import BatchCouplingError, ModelCallError
 from .kernel_fn import KernelFn
 from .linearized import Linearized, linearize
 from .operators import NTKOperator, ntk_operator
 from .predict import Prediction, alignment, drift, gd_mse, kernel_drift, kernel_regression, max_learning_rate
 from .protocol import AutodiffBackend, PreparedModel
 from .registry import get_backend, installed_backends, known_backends
-from .spectra import Spectrum, spectrum
+from .spectra import ConvergenceError, Spectrum, spectrum
+from .stores import StoreLockedError, StoreMismatchError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AutodiffBackend",
+    "BatchCouplingError",
+    "ConvergenceError",
     "Explanation",
     "Implementation",
     "KernelAxes",
     "KernelFn",
     "Linearized",
     "MemoryBudgetError",
+    "ModelCallError",
     "NTKOperator",
     "Prediction",
     "PreparedModel",
     "Spectrum",
+    "StoreLockedError",
+    "StoreMismatchError",
     "StructuredFallbackWarning",
     "alignment",
     "drift",

@@ -48,8 +48,11 @@ class Adapter:
         return array_api_compat.array_namespace(*arrays)
 
     def asarray(self, x: Any, *, like: Any) -> Any:
-        """A native ``x`` as it is; numpy-like data converted, floating point to ``like``'s dtype."""
+        """``x`` as a native array; floating point, native or numpy, in ``like``'s dtype (the same
+        rule for every framework: inputs take the parameters' precision)."""
         if isinstance(x, self.native):
+            if self.is_floating(x) and self.dtype_name(x) != self.dtype_name(like):
+                return self.cast(x, like)
             return x
         if not isinstance(x, self.numpy_like):
             raise TypeError(
@@ -62,6 +65,14 @@ class Adapter:
     def from_numpy(self, x: np.ndarray, like: Any, *, cast: bool) -> Any:
         """``x`` as a native array on ``like``'s device, in ``like``'s dtype when ``cast``."""
         raise NotImplementedError
+
+    def cast(self, x: Any, like: Any) -> Any:
+        """A native ``x`` in ``like``'s dtype (and on its device)."""
+        raise NotImplementedError
+
+    def expected_input(self, prepared: PreparedModel) -> str | None:
+        """What the model's inputs should look like, where the adapter can tell (for errors)."""
+        return None
 
     def to_numpy(self, x: Any) -> np.ndarray:
         return np.asarray(x)

@@ -27,6 +27,7 @@ def ntk_fn(
     diagonal_axes: Axes = (),
     backend: str | None = None,
     batch_independent: bool | None = None,
+    check_finite: bool = True,
     memory_budget: float | str | None = None,
     batch_size: int | None = None,
     progress: bool | None = None,
@@ -46,6 +47,7 @@ def ntk_fn(
         diagonal_axes=diagonal_axes,
         backend=backend,
         batch_independent=batch_independent,
+        check_finite=check_finite,
         kind="ntk",
         memory_budget=memory_budget,
         batch_size=batch_size,
@@ -66,12 +68,14 @@ def ntk(
     diagonal_axes: Axes = (),
     backend: str | None = None,
     batch_independent: bool | None = None,
+    check_finite: bool = True,
     memory_budget: float | str | None = None,
     batch_size: int | None = None,
     progress: bool | None = None,
     executor: Any = None,
     out: Any = None,
     overwrite: bool = False,
+    verify: bool = True,
     per_layer: bool = False,
 ) -> Any:
     """The empirical NTK Θ(x1, x2) = J(x1)·J(x2)ᵀ, J = ∂f/∂θ over trainable parameters θ.
@@ -88,8 +92,13 @@ def ntk(
         trace_axes: output axes summed over their pair (a true trace), dropped from the shape.
         diagonal_axes: output axes of which only the diagonal is kept, appearing once.
         backend: ``"jax"``, ``"torch"``, ``"tensorflow"`` or a plugin; inferred if ``None``.
-        batch_independent: ``None`` (default) checks that examples do not interact;
-            ``False`` computes the exact kernel of a batch whose examples interact.
+        batch_independent: ``None`` (default) checks that examples do not interact (one
+            forward pass of two examples against each alone; a model whose examples interact
+            is refused); ``False`` computes the exact kernel of a batch whose examples
+            interact; ``True`` skips the check.
+        check_finite: refuse inputs with NaN or infinite entries (``ValueError``) and kernels
+            with a non-finite entry (``FloatingPointError``, naming its index); ``False`` skips
+            both checks, as in SciPy.
         memory_budget: bytes (or a string like ``"4GB"``) ``"auto"`` may use; default half of
             the free memory of the device (host RAM on a CPU).
         batch_size: examples per tile: the kernel is computed tile by tile (x2=None: only
@@ -100,6 +109,8 @@ def ntk(
         out: a ``.zarr`` (zarr v3) or ``.npy`` path: the kernel is written there tile by tile
             and returned opened read-only; rerunning the same call resumes an interrupted job.
         overwrite: replace an ``out`` that holds a kernel of other parameters, inputs or options.
+        verify: read an existing ``out``'s finished tiles back against their checksums (a
+            damaged, deleted or swapped tile is computed again); ``False`` trusts them.
         per_layer: return a map layer name -> that layer's contribution J1_l·J2_lᵀ (they sum to
             the kernel). A layer is a parameter name up to its last ``.`` or ``/`` (torch
             ``"fc1"`` for ``"fc1.weight"``), or the parameter itself. Structured derivatives
@@ -119,13 +130,14 @@ def ntk(
         diagonal_axes=diagonal_axes,
         backend=backend,
         batch_independent=batch_independent,
+        check_finite=check_finite,
         memory_budget=memory_budget,
         batch_size=batch_size,
         progress=progress,
         executor=executor,
         per_layer=per_layer,
     )
-    return fn(x1, x2, out=out, overwrite=overwrite)
+    return fn(x1, x2, out=out, overwrite=overwrite, verify=verify)
 
 
 def explain(
@@ -139,6 +151,7 @@ def explain(
     diagonal_axes: Axes = (),
     backend: str | None = None,
     batch_independent: bool | None = None,
+    check_finite: bool = True,
     memory_budget: float | str | None = None,
 ) -> Explanation:
     """What :func:`ntk` would do with the same arguments, without computing or compiling it.
@@ -156,6 +169,7 @@ def explain(
         diagonal_axes=diagonal_axes,
         backend=backend,
         batch_independent=batch_independent,
+        check_finite=check_finite,
         memory_budget=memory_budget,
     )
     return fn.explain(x1, x2)
@@ -171,6 +185,7 @@ def nngp(
     diagonal_axes: Axes = (),
     backend: str | None = None,
     batch_independent: bool | None = None,
+    check_finite: bool = True,
     batch_size: int | None = None,
     out: Any = None,
     overwrite: bool = False,
@@ -184,6 +199,7 @@ def nngp(
         diagonal_axes=diagonal_axes,
         backend=backend,
         batch_independent=batch_independent,
+        check_finite=check_finite,
         kind="nngp",
         batch_size=batch_size,
         progress=progress,

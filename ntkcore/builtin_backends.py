@@ -3,12 +3,12 @@ and the noxfile. It imports nothing, so the noxfile reads it without installing 
 
 name -> (framework module that must be importable, ``"adapter_module:Class"``); the pip extra
 that installs a backend's framework is its name (``pip install 'ntkcore[torch]'``). The order
-is the one in which the frameworks import safely into one process (torch before TensorFlow)
-and the order of detection.
+is the order of detection, and one in which the frameworks import safely into one process
+(torch before TensorFlow): the demo and the test suite import them in it.
 """
 
 BUILTIN: dict[str, tuple[str, str]] = {
-    "torch": ("torch", "ntkcore_torch:TorchBackend"),
     "jax": ("jax", "ntkcore_jax:JaxBackend"),
+    "torch": ("torch", "ntkcore_torch:TorchBackend"),
     "tensorflow": ("tensorflow", "ntkcore_tensorflow:TensorFlowBackend"),
 }

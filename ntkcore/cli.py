@@ -1,11 +1,18 @@
-"""The ``ntkcore`` command line (also ``python -m ntkcore``)."""
+"""The ``ntkcore`` command line (also ``python -m ntkcore``).
+
+Every error is one line on stderr, ``ntkcore: error: …``, with exit code 2 and the CLI's own
+flag names (``--debug`` shows the traceback); ``explain`` exits 1 when nothing fits the memory
+budget, ``demo`` when the frameworks disagree.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import os
+import re
 import sys
+import traceback
 from typing import Any
 
 from . import __version__
@@ -22,9 +29,8 @@ def _demo(args: argparse.Namespace) -> int:
     backends = args.backends.split(",") if args.backends else available
     missing = [b for b in backends if b not in available]
     if missing or not backends:
-        print(f"ntkcore demo: backend(s) {missing or backends} not installed; installed: {available}", file=sys.stderr)
-        return 2
-    widths = tuple(int(w) for w in args.widths.split(","))
+        raise CommandError(f"--backends: {missing or backends} not installed; installed: {available}")
+    widths = _integers(args.widths, "--widths")
     rows, largest = demo.run(backends, widths=widths, n=args.n, repeats=args.repeats)
     print(demo.format_table(rows, largest, widths, args.n))
     if largest > DEMO_TOLERANCE:
@@ -34,32 +40,50 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class CommandError(Exception):
+    """A mistake in the command line, reported as one line."""
+
+
 def _load(reference: str, what: str) -> Any:
     """The object named ``module:attribute`` (dots allowed in the attribute)."""
     module_name, sep, attribute = reference.partition(":")
     if not sep or not module_name or not attribute:
-        raise SystemExit(f"ntkcore explain: {what} must be given as module:attribute, got {reference!r}")
+        raise CommandError(f"{what} must be given as module:attribute, got {reference!r}")
     if os.getcwd() not in sys.path:  # like python -m: modules in the working directory
         sys.path.insert(0, os.getcwd())
-    obj = importlib.import_module(module_name)
+    try:
+        obj = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        raise CommandError(f"{what}: no module named {error.name!r} (from {reference!r})") from None
     for part in attribute.split("."):
+        if not hasattr(obj, part):
+            raise CommandError(f"{what}: {module_name!r} has no attribute {attribute!r} (from {reference!r})")
         obj = getattr(obj, part)
     return obj
 
 
-def _input(path: str | None, shape: str | None) -> Any:
+def _input(path: str | None, shape: str | None, flag: str = "--x1") -> Any:
     import numpy as np
 
     if path is not None:
-        return np.load(path)
+        try:
+            return np.load(path)
+        except (OSError, ValueError) as error:
+            raise CommandError(f"{flag}: cannot read {path!r} as a .npy file ({error})") from None
     if shape is None:
         return None
-    dims = tuple(int(d) for d in shape.split(","))
-    return np.random.default_rng(0).standard_normal(dims).astype(np.float32)
+    return np.random.default_rng(0).standard_normal(_integers(shape, "--shape")).astype(np.float32)
 
 
-def _axes(text: str | None) -> tuple[int, ...]:
-    return () if not text else tuple(int(a) for a in text.split(","))
+def _integers(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise CommandError(f"{flag} takes comma-separated integers, e.g. 8,3 or -1; got {text!r}") from None
+
+
+def _axes(text: str | None, flag: str) -> tuple[int, ...]:
+    return () if not text else _integers(text, flag)
 
 
 def _kernel_options(args: argparse.Namespace) -> dict:
@@ -67,8 +91,8 @@ def _kernel_options(args: argparse.Namespace) -> dict:
     return {
         "params": _load(args.params, "--params") if args.params else None,
         "implementation": args.implementation,
-        "trace_axes": _axes(args.trace_axes),
-        "diagonal_axes": _axes(args.diagonal_axes),
+        "trace_axes": _axes(args.trace_axes, "--trace-axes"),
+        "diagonal_axes": _axes(args.diagonal_axes, "--diagonal-axes"),
         "backend": args.backend,
         "memory_budget": args.memory_budget,
     }
@@ -77,11 +101,12 @@ def _kernel_options(args: argparse.Namespace) -> dict:
 def _explain(args: argparse.Namespace) -> int:
     from .api import explain
 
-    model = _load(args.model, "the model")
+    options = _kernel_options(args)
     x1 = _input(args.x1, args.shape)
     if x1 is None:
-        raise SystemExit("ntkcore explain: give the inputs as --x1 FILE.npy or their shape as --shape N,D,...")
-    result = explain(model, x1, _input(args.x2, None), **_kernel_options(args))
+        raise CommandError("give the inputs as --x1 FILE.npy or their shape as --shape N,D,...")
+    x2 = _input(args.x2, None, "--x2")
+    result = explain(_load(args.model, "the model"), x1, x2, **options)
     print(result)
     return 0 if result.choice is not None else 1
 
@@ -89,26 +114,74 @@ def _explain(args: argparse.Namespace) -> int:
 def _compute(args: argparse.Namespace) -> int:
     from .api import ntk
 
+    options = _kernel_options(args)
+    x1, x2 = _input(args.x1, None), _input(args.x2, None, "--x2")
     ntk(
         _load(args.model, "--model"),
-        _input(args.x1, None),
-        _input(args.x2, None),
-        **_kernel_options(args),
+        x1,
+        x2,
+        **options,
         batch_size=args.batch_size,
         executor=args.scheduler,
         progress=None if args.progress is None else args.progress == "on",
         out=args.out,
         overwrite=args.overwrite,
+        verify=not args.no_verify,
     )
     print(f"ntkcore compute: kernel written to {args.out}")
     return 0
 
 
+# the API's argument names as the CLI spells them, for messages raised by the API
+_FLAGS = {
+    "overwrite=True": "--overwrite",
+    "batch_size=": "--batch-size",
+    "memory_budget=": "--memory-budget",
+    "trace_axes=": "--trace-axes",
+    "diagonal_axes=": "--diagonal-axes",
+    "implementation=": "--implementation ",
+    "backend=": "--backend ",
+    "out=": "--out ",
+    "params=": "--params ",
+    "x1": "--x1",
+    "x2": "--x2",
+}
+
+
+def _one_line(error: BaseException) -> str:
+    """The error as one line, in the CLI's own terms."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    for api, flag in _FLAGS.items():
+        text = re.sub(rf"(?<![\w.\[-]){re.escape(api)}(?![\w\[])", flag, text)
+    if not isinstance(error, (CommandError, ValueError, TypeError)):
+        text = f"{type(error).__name__}: {text}"
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not the usage block
+        print(f"ntkcore: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ntkcore`` command."""
-    parser = argparse.ArgumentParser(prog="ntkcore", description="Empirical Neural Tangent Kernels, fast.")
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except Exception as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"ntkcore: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ntkcore", description="Empirical Neural Tangent Kernels, fast.")
     parser.add_argument("--version", action="version", version=f"ntkcore {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     demo = commands.add_parser(
         "demo", help="one MLP in every installed framework, every implementation: times and cross-check"
     )
@@ -148,9 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     compute.add_argument("--scheduler", help="address of a Dask scheduler: tiles run on its workers")
     compute.add_argument("--progress", choices=["on", "off"], help="progress bar (default: on a terminal)")
     compute.add_argument("--overwrite", action="store_true", help="replace an --out holding another kernel")
+    compute.add_argument(
+        "--no-verify", action="store_true", help="trust an existing --out's finished tiles (skip their checksums)"
+    )
     compute.set_defaults(handler=_compute)
-    args = parser.parse_args(argv)
-    return args.handler(args)
+    return parser
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from .cost_model import Estimate, constants, device_class, estimate, model_shape
 from .explain import Explanation, MemoryBudgetError, budget_message, choose, describe_layers
 from .implementations import REGISTRY, Implementation, KernelCall, Method
 from .implementations.structured import StructuredFallbackWarning, plan
-from .inputs import check_pair, output_shape
+from .inputs import all_finite, check_independent, check_pair, first_nonfinite, output_shape
 from .protocol import AutodiffBackend, Capture, PreparedModel
 from .registry import detect_backend, get_backend
 
@@ -59,8 +59,12 @@ class KernelFn:
         progress: bool | None = None,
         executor: Any = None,
         per_layer: bool = False,
+        check_finite: bool = True,
     ) -> None:
         _check_options(per_layer, batch_size, executor, batch_independent)
+        if check_finite not in (True, False):
+            raise TypeError(f"check_finite must be True or False, got {check_finite!r}")
+        self._check_finite = check_finite
         self._model, self._params, self._kind = model, params, kind
         self._implementation = Implementation.parse(implementation)
         self._memory_budget = memory.parse_budget(memory_budget)
@@ -120,11 +124,14 @@ class KernelFn:
         f's per-example output shape and the validated axes."""
         if self._prepared is None:
             self._prepare(tuple(a for a in (x1, x2) if a is not None))
-        x1, x2 = check_pair(self._backend, self._prepared, x1, x2)
+        backend, prepared = self._backend, self._prepared
+        x1, x2 = check_pair(backend, prepared, x1, x2, self._check_finite)
         coupled = self._batch_independent is False
-        key = (tuple(x1.shape[1:]), self._backend.dtype_name(x1), x1.shape[0] if coupled else None)
+        key = (tuple(x1.shape[1:]), backend.dtype_name(x1), x1.shape[0] if coupled else None)
         if key not in self._out_shapes:
-            self._out_shapes[key] = output_shape(self._backend, self._prepared, x1, coupled)
+            self._out_shapes[key] = output_shape(backend, prepared, x1, coupled, x2)
+            if self._batch_independent is None:
+                check_independent(backend, prepared, x1, x2)
         out_shape = self._out_shapes[key]
         axes = KernelAxes.create(*self._axes_args, (x1.shape[0], *out_shape))
         if x2 is not None and 0 in axes.diagonal and x2.shape[0] != x1.shape[0]:
@@ -159,6 +166,7 @@ class KernelFn:
             "batch_independent": self._batch_independent,
             "kind": self._kind,
             "memory_budget": self._memory_budget,
+            "check_finite": self._check_finite,
         }
 
     def options(self, batch_size: int) -> dict:
@@ -175,11 +183,14 @@ class KernelFn:
         }
 
     # -- the call ----------------------------------------------------------------------------
-    def __call__(self, x1: Any, x2: Any = None, *, out: Any = None, overwrite: bool = False) -> Any:
+    def __call__(
+        self, x1: Any, x2: Any = None, *, out: Any = None, overwrite: bool = False, verify: bool = True
+    ) -> Any:
         """The kernel between ``x1`` and ``x2`` (``x2=None`` reuses x1's work).
 
         With ``batch_size``, ``out`` (a ``.zarr`` or ``.npy`` path: written tile by tile,
-        resumable, returned opened read-only) or an ``executor``, or when ``"auto"`` finds that
+        resumable, returned opened read-only; ``verify=False`` skips reading its finished tiles
+        back against their checksums) or an ``executor``, or when ``"auto"`` finds that
         the whole kernel at once does not fit the memory budget, it is computed tile by tile
         (:mod:`ntkcore.large_n`).
         """
@@ -195,7 +206,7 @@ class KernelFn:
             return self.untiled(x1, x2, out_shape, axes)
         return large_n.compute(
             self, x1, x2, out_shape, axes, batch_size=size, out=out, overwrite=overwrite,
-            progress=self._progress, executor=self._executor,
+            progress=self._progress, executor=self._executor, verify=verify,
         )  # fmt: skip
 
     def _fits(self, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes) -> bool:
@@ -235,7 +246,23 @@ class KernelFn:
             self._backend, self._prepared.apply, axes, out_shape, self._batch_independent is False, capture
         )
         kernel = compiled.compiled_kernel(call, method, reuse=x2 is None, per_layer=self._per_layer)
-        return kernel(self._prepared.params, x1) if x2 is None else kernel(self._prepared.params, x1, x2)
+        result = kernel(self._prepared.params, x1) if x2 is None else kernel(self._prepared.params, x1, x2)
+        if self._check_finite:
+            for layer, part in result.items() if self._per_layer else [(None, result)]:
+                self._check_result(part, layer, method)
+        return result
+
+    def _check_result(self, kernel: Any, layer: str | None, method: Method | None) -> None:
+        """A non-finite entry computed from finite inputs is an error, never a result."""
+        if all_finite(self._backend, kernel):
+            return
+        what = "kernel" if layer is None else f"kernel of layer {layer!r}"
+        how = "the NNGP kernel" if method is None else method.name
+        raise FloatingPointError(
+            f"the {what} has a non-finite entry at index {first_nonfinite(self._backend, kernel)}, computed by "
+            f"{how} from finite inputs: the model's outputs or derivatives overflow or are undefined there "
+            "(check the parameters' scale and dtype; float64 may help). check_finite=False returns it as it is"
+        )
 
     # -- auto and explain --------------------------------------------------------------------
     def explain(self, x1: Any, x2: Any = None) -> Explanation:

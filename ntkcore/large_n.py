@@ -12,9 +12,11 @@ reruns its tasks elsewhere, and a tile written twice holds the same numbers.
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,6 +26,8 @@ from .axes import KernelAxes
 from .explain import MemoryBudgetError
 from .stores import KernelStore, fingerprint
 from .tiling import Tile, assemble, plan
+
+logger = logging.getLogger("ntkcore")
 
 
 def tile_size(fn: Any, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes, on_disk: bool) -> int:
@@ -59,12 +63,50 @@ def tile_size(fn: Any, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: Kerne
     )
 
 
-def _progress(progress: bool | None, total: int, description: str) -> Any:
-    """A tqdm bar over tiles; ``None`` shows it only on a terminal, ``False`` never."""
-    from tqdm.auto import tqdm
+class _Progress:
+    """Progress over tiles: a tqdm bar on a terminal, else (``progress=None``) a plain log line
+    on the ``ntkcore`` logger every ``LOG_EVERY_S`` seconds — for batch systems, ``nohup`` and
+    notebooks' log files. Rates count only the tiles computed in this run, not those a resumed
+    run found done."""
 
-    show = sys.stderr.isatty() if progress is None else bool(progress)
-    return tqdm(total=total, unit="tile", desc=description, disable=not show, dynamic_ncols=True)
+    LOG_EVERY_S = 30.0
+
+    def __init__(self, progress: bool | None, total: int, already: int, description: str) -> None:
+        self.total, self.count, self.already, self.description = total, already, already, description
+        self.started = self.last = time.perf_counter()
+        terminal = sys.stderr.isatty()
+        self.bar = None
+        if progress or (progress is None and terminal):
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=already, unit="tile", desc=description, dynamic_ncols=True)
+        self.log = progress is None and not terminal
+        if already and (self.log or self.bar is not None):
+            self._say(f"resuming: {already} of {total} tiles already done")
+
+    def _say(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(f"{self.description}: {text}")
+        else:
+            logger.info("%s: %s", self.description, text)
+
+    def update(self, entries_per_s: float) -> None:
+        self.count += 1
+        now = time.perf_counter()
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(entries_per_s=f"{entries_per_s:.3g}", refresh=False)
+        elif self.log and (now - self.last >= self.LOG_EVERY_S or self.count == self.total):
+            self.last = now
+            done = self.count - self.already
+            self._say(
+                f"{self.count}/{self.total} tiles, {done / max(now - self.started, 1e-9):.3g} tiles/s, "
+                f"{entries_per_s:.3g} entries/s"
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def compute(
@@ -79,27 +121,59 @@ def compute(
     overwrite: bool,
     progress: bool | None,
     executor: Any,
+    verify: bool = True,
 ) -> Any:
     """The kernel of ``fn`` between ``x1`` and ``x2``, tile by tile (see the module docstring)."""
-    backend = fn.backend
     n1 = x1.shape[0]
     n2 = None if x2 is None else x2.shape[0]
     tiles = plan(n1, n2, batch_size, axes)
     shape = axes.kernel_shape((n1, *out_shape), (n1 if n2 is None else n2, *out_shape))
-    store = None
-    if out is not None:
-        chunks = (batch_size, *shape[1:]) if 0 in axes.diagonal else (batch_size, batch_size, *shape[2:])
-        stamp = fingerprint(
-            {k: backend.to_numpy(v) for k, v in fn.prepared.params.items()},
-            backend.to_numpy(x1),
-            None if x2 is None else backend.to_numpy(x2),
-            fn.options(batch_size),
+    store = None if out is None else _store(fn, out, x1, x2, shape, axes, batch_size, overwrite, verify)
+    try:
+        return _run(fn, x1, x2, out_shape, axes, tiles, shape, store, out, progress, executor)
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _store(
+    fn: Any, out: Any, x1: Any, x2: Any, shape: tuple, axes: KernelAxes, batch_size: int, overwrite: bool, verify: bool
+) -> KernelStore:
+    backend = fn.backend
+    chunks = (batch_size, *shape[1:]) if 0 in axes.diagonal else (batch_size, batch_size, *shape[2:])
+    stamp = fingerprint(
+        {k: backend.to_numpy(v) for k, v in fn.prepared.params.items()},
+        backend.to_numpy(x1),
+        None if x2 is None else backend.to_numpy(x2),
+        fn.options(batch_size),
+    )
+    return KernelStore(out, shape, chunks, fn.dtype_name, stamp, overwrite, verify=verify)
+
+
+def _run(
+    fn: Any,
+    x1: Any,
+    x2: Any,
+    out_shape: tuple[int, ...],
+    axes: KernelAxes,
+    tiles: list[Tile],
+    shape: tuple,
+    store: KernelStore | None,
+    out: Any,
+    progress: bool | None,
+    executor: Any,
+) -> Any:
+    """The tiles not yet done (all of them without a store), then the kernel."""
+    backend = fn.backend
+    done = store.done(tiles, axes, mirror=x2 is None) if store is not None else set()
+    if store is not None and store.damaged:
+        warnings.warn(
+            f"out={str(out)!r}: {len(store.damaged)} finished tile(s) were damaged "
+            f"({', '.join(store.damaged[:8])}{', …' if len(store.damaged) > 8 else ''}); computing them again",
+            stacklevel=5,
         )
-        store = KernelStore(out, shape, chunks, fn.dtype_name, stamp, overwrite)
-    done = store.done() if store is not None else set()
     todo = [t for t in tiles if t.name not in done]
-    bar = _progress(progress, len(tiles), f"ntkcore {backend.name} kernel {shape}")
-    bar.update(len(tiles) - len(todo))
+    bar = _Progress(progress, len(tiles), len(tiles) - len(todo), f"ntkcore {backend.name} kernel {shape}")
     blocks: dict[tuple[int, int], Any] = {}
     started, written = time.perf_counter(), 0
     per_pair = math.prod(shape[1:] if 0 in axes.diagonal else shape[2:])
@@ -108,9 +182,8 @@ def compute(
         if store is None:
             blocks[(tile.i, tile.j)] = block
         pairs = _length(tile.rows) * (1 if 0 in axes.diagonal else _length(tile.cols))
-        written += pairs * per_pair * (2 if n2 is None and not tile.symmetric else 1)
-        bar.update(1)
-        bar.set_postfix(entries_per_s=f"{written / max(time.perf_counter() - started, 1e-9):.3g}", refresh=False)
+        written += pairs * per_pair * (2 if x2 is None and not tile.symmetric else 1)
+        bar.update(written / max(time.perf_counter() - started, 1e-9))
     bar.close()
     if store is not None:
         return store.result()
@@ -197,6 +270,8 @@ def _dask_tile(blob: bytes, tile: Tile) -> Any:
         _WORKER.clear()
         _WORKER.update(blob=blob, payload=payload, fn=fn, x1=x1, x2=x2, store=store)
     fn, store, payload = _WORKER["fn"], _WORKER["store"], _WORKER["payload"]
+    if store is not None and store.is_done(tile):  # a rerun of a lost worker's task: already written
+        return None
     block = fn.untiled(*_tile_inputs(_WORKER["x1"], _WORKER["x2"], tile), payload["out_shape"], payload["axes"])
     block = fn.backend.to_numpy(block)
     if store is None:

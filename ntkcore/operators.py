@@ -29,7 +29,7 @@ class NTKOperator:
         x, _, out_shape, axes = fn.resolve(x, None)
         if axes.diagonal:
             raise ValueError("ntk_operator: diagonal_axes are not supported; the operator is Θ(x, x) as a matrix")
-        self._x = x
+        self._x, self._fn, self._axes = x, fn, axes
         self._backend, self._prepared = fn.backend, fn.prepared
         self._out_shape = out_shape
         self._kept = [a - 1 for a in axes.kept if a != 0]  # axes of the per-example output
@@ -104,6 +104,20 @@ class NTKOperator:
             return np.asarray(self.matvec(np.asarray(v).reshape(-1)), dtype=np.float64)
 
         return LinearOperator(self.shape, matvec=mv, rmatvec=mv, dtype=np.float64)
+
+    def kernel_bytes(self) -> int:
+        """Bytes of the kernel as a matrix (N·O)², in the operator's dtype."""
+        return self.shape[0] ** 2 * self._fn.itemsize
+
+    def fits(self) -> bool:
+        """Whether the kernel, with room for ``eigh``'s work (3 copies), fits the memory budget
+        (1 GB where the free memory is unknown)."""
+        budget = self._fn.budget()[0]
+        return 3 * self.kernel_bytes() <= (1e9 if budget is None else budget)
+
+    def kernel(self) -> Any:
+        """Θ(x, x) formed (the cheapest implementation ``auto`` finds), as ``ntkcore.ntk`` gives it."""
+        return self._fn.untiled(self._x, None, self._out_shape, self._axes)
 
     def from_numpy(self, a: Any) -> Any:
         """A numpy array as this operator's framework array (its dtype and device)."""

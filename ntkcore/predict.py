@@ -107,6 +107,13 @@ def gd_mse(
     if diag_reg:
         matrix = matrix + diag_reg * xp.eye(matrix.shape[0], dtype=matrix.dtype)
     values, vectors = xp.linalg.eigh(matrix)
+    top = float(xp.max(values))
+    if discrete and learning_rate * top >= 2:
+        raise ValueError(
+            f"learning_rate={learning_rate:g} is at or above max_learning_rate(k_train) = 2/λ_max = {2 / top:.3g}: "
+            "discrete gradient descent diverges (|1 − ηλ| ≥ 1). Use a smaller learning_rate, or discrete=False "
+            "for gradient flow"
+        )
     vt = xp.permute_dims(vectors, (1, 0))
     projected = xp.matmul(vt, residual)  # Vᵀ r₀, (M, C)
     test = None

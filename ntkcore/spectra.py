@@ -9,11 +9,21 @@ available.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from ._xp import namespace_of
+
+logger = logging.getLogger("ntkcore")
+PROGRESS_EVERY_S = 30.0  # a log line this often while Lanczos runs
+
+
+class ConvergenceError(RuntimeError):
+    """Lanczos did not converge within its iterations."""
+
 
 # A kernel is refused as not symmetric when max|K − Kᵀ| exceeds this fraction of max|K|: far
 # above float32 rounding of J1·J2ᵀ (≈1e-6), far below the asymmetry of a kernel between two
@@ -115,7 +125,15 @@ def symmetric_matrix(kernel: Any, name: str = "kernel") -> tuple[Any, Any]:
     return xp, (matrix + transposed) / 2
 
 
-def spectrum(kernel: Any, k: int | None = None, *, which: str = "both", tol: float = 0.0) -> Spectrum:
+def spectrum(
+    kernel: Any,
+    k: int | None = None,
+    *,
+    which: str = "both",
+    tol: float = 0.0,
+    maxiter: int | None = None,
+    method: str = "auto",
+) -> Spectrum:
     """The eigenvalues of a symmetric kernel and its λ_min, λ_max, condition number, effective
     rank and trace.
 
@@ -126,6 +144,10 @@ def spectrum(kernel: Any, k: int | None = None, *, which: str = "both", tol: flo
             (``"smallest"``) or both (``"both"``, 2k values).
         which: the end(s) of the spectrum ``k`` picks.
         tol: Lanczos' relative accuracy (0: machine precision), for operators only.
+        maxiter: Lanczos' restarts (default ARPACK's, 10·N); past them :class:`ConvergenceError`.
+        method: for an operator, ``"auto"`` (default) forms the kernel and uses ``eigh`` when it
+            fits the memory budget (exact, and milliseconds where Lanczos may need minutes on an
+            ill-conditioned kernel), else Lanczos; ``"eigh"`` or ``"lanczos"`` force one.
     """
     from .operators import NTKOperator
 
@@ -133,10 +155,17 @@ def spectrum(kernel: Any, k: int | None = None, *, which: str = "both", tol: flo
         raise ValueError(f'which must be "largest", "smallest" or "both", got {which!r}')
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise ValueError(f"k must be a positive number of eigenvalues or None, got {k!r}")
+    if method not in ("auto", "eigh", "lanczos"):
+        raise ValueError(f'method must be "auto", "eigh" or "lanczos", got {method!r}')
     if isinstance(kernel, NTKOperator):
+        if method == "eigh" or (method == "auto" and k is not None and kernel.fits()):
+            return spectrum(kernel.kernel(), k, which=which)
         if k is None:
-            raise ValueError("k is required for an NTKOperator: the number of eigenvalues Lanczos computes")
-        return _lanczos(kernel, k, which, tol)
+            raise ValueError(
+                "k is required for an NTKOperator: the number of eigenvalues Lanczos computes "
+                f'(or method="eigh" to form the kernel, {kernel.kernel_bytes() / 1e9:.3g} GB, for all of them)'
+            )
+        return _lanczos(kernel, k, which, tol, maxiter)
     xp, matrix = symmetric_matrix(kernel)
     n = matrix.shape[0]
     if k is not None and k > n:
@@ -153,23 +182,61 @@ def spectrum(kernel: Any, k: int | None = None, *, which: str = "both", tol: flo
     return Spectrum(picked, lo, hi, None, n)
 
 
-def _lanczos(op: Any, k: int, which: str, tol: float) -> Spectrum:
+def _lanczos(op: Any, k: int, which: str, tol: float, maxiter: int | None) -> Spectrum:
     """ARPACK's implicitly restarted Lanczos on the operator's matvec (host numpy vectors)."""
     import numpy as np
 
     try:
-        from scipy.sparse.linalg import eigsh
+        from scipy.sparse.linalg import ArpackNoConvergence, eigsh
     except ImportError:  # pragma: no cover - scipy is in the analysis extra
         raise ImportError("spectrum() of an NTKOperator needs scipy: pip install 'ntkcore[analysis]'") from None
     n = op.shape[0]
     if k >= n:
         raise ValueError(f"k={k} must be below the operator's size {n} for Lanczos; form the kernel instead")
-    linear = op.aslinearoperator()
+    linear = _logged(op.aslinearoperator(), k)
     ends = {"largest": ("LA",), "smallest": ("SA",), "both": ("LA", "SA")}[which]
-    found = {
-        end: np.sort(eigsh(linear, k=k, which=end, tol=tol, return_eigenvectors=False, v0=np.ones(n))) for end in ends
-    }
+    found = {}
+    for end in ends:
+        try:
+            found[end] = np.sort(eigsh(linear, k=k, which=end, tol=tol, maxiter=maxiter, v0=np.ones(n))[0])
+        except ArpackNoConvergence as error:
+            raise ConvergenceError(_no_convergence(op, error, k, end, maxiter)) from None
     values = np.concatenate([found[e] for e in ("SA", "LA") if e in found])
     lo = float(found["SA"][0]) if "SA" in found else None
     hi = float(found["LA"][-1]) if "LA" in found else None
     return Spectrum(op.from_numpy(values), lo, hi, None, n)
+
+
+def _logged(linear: Any, k: int) -> Any:
+    """The operator, logging the number of products taken every ``PROGRESS_EVERY_S`` seconds."""
+    from scipy.sparse.linalg import LinearOperator
+
+    state = {"count": 0, "start": time.perf_counter(), "last": time.perf_counter()}
+
+    def mv(v: Any) -> Any:
+        state["count"] += 1
+        now = time.perf_counter()
+        if now - state["last"] >= PROGRESS_EVERY_S:
+            state["last"] = now
+            logger.info("spectrum: Lanczos for k=%d, %d products in %.0f s", k, state["count"], now - state["start"])
+        return linear.matvec(v)
+
+    return LinearOperator(linear.shape, matvec=mv, rmatvec=mv, dtype=linear.dtype)
+
+
+def _no_convergence(op: Any, error: Any, k: int, end: str, maxiter: int | None) -> str:
+    """What did not converge, how far it got, and what to try."""
+    import numpy as np
+
+    values, vectors = error.eigenvalues, error.eigenvectors
+    residual = ""
+    if len(values):
+        products = np.stack([op.aslinearoperator().matvec(vectors[:, i]) for i in range(len(values))], axis=1)
+        errors = np.linalg.norm(products - vectors * values, axis=0) / np.maximum(np.abs(values), 1e-300)
+        residual = f"; the largest relative residual of those is {float(errors.max()):.3g}"
+    side = "largest" if end == "LA" else "smallest"
+    return (
+        f"spectrum: Lanczos found {len(values)} of the k={k} {side} eigenvalues within maxiter={maxiter or 'default'}"
+        f'{residual}. Try a larger maxiter=, a looser tol=, a smaller k, or method="eigh" (the kernel takes '
+        f"{op.kernel_bytes() / 1e9:.3g} GB)"
+    )

@@ -4,7 +4,8 @@ Backends come from ``--backend jax,torch`` or ``NTKCORE_TEST_BACKENDS``; a backe
 explicitly but not installed is an error (a broken install cannot pass green), one not asked
 for and missing is skipped. Numerics are set here and only here: float32 matmuls at full
 precision (no TF32) and float64 enabled, for every framework under test. Frameworks are
-imported torch first, then JAX, then TensorFlow (the order that works in one process).
+imported in the order of ``ntkcore/builtin_backends.py`` (torch before TensorFlow, the order that
+works in one process).
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -59,6 +60,7 @@ def _functional(model: Any, tree: Any, trainable: Callable[[tuple, Any], bool]) 
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     slots = [i for i, (path, leaf) in enumerate(flat) if trainable(path, leaf)]
+    _warn_integer_leaves(flat)
     names = [_path_name(flat[i][0]) for i in slots]
     params = {name: jnp.asarray(flat[i][1]) for name, i in zip(names, slots)}
     constants = [None if i in slots else leaf for i, (_, leaf) in enumerate(flat)]
@@ -74,6 +76,22 @@ def _functional(model: Any, tree: Any, trainable: Callable[[tuple, Any], bool]) 
     if all(isinstance(c, _IMMUTABLE) for c in constants):
         apply = _APPLY_CACHE.shared(key, apply, owners, constants)
     return apply, params
+
+
+def _warn_integer_leaves(flat: list) -> None:
+    """Integer and boolean array leaves have no derivative: they are constants, which users may
+    not expect of a leaf of their params pytree."""
+    found = [
+        _path_name(path)
+        for path, leaf in flat
+        if hasattr(leaf, "dtype") and hasattr(leaf, "shape") and not jnp.issubdtype(leaf.dtype, jnp.inexact)
+    ]
+    if found:
+        warnings.warn(
+            f"params: the leaves {found} are integer or boolean arrays; they are held constant (a kernel is "
+            "taken with respect to floating-point parameters only). Cast them to a float dtype to include them",
+            stacklevel=5,
+        )
 
 
 _MASKS = {"eq", "ne", "lt", "le", "gt", "ge"}  # comparisons of ids (one-hot) are not arithmetic
@@ -158,6 +176,9 @@ class JaxBackend(Adapter):
 
     def from_numpy(self, x: np.ndarray, like: Any, *, cast: bool) -> Any:
         return jnp.asarray(x, dtype=like.dtype if cast else None)
+
+    def cast(self, x: Any, like: Any) -> Any:
+        return x.astype(like.dtype)
 
     def is_floating(self, x: Any) -> bool:
         return bool(jnp.issubdtype(x.dtype, jnp.floating))

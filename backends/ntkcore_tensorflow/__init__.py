@@ -190,6 +190,13 @@ class TensorFlowBackend(Adapter):
             return tf.convert_to_tensor(x)
         return super().asarray(x, like=like)
 
+    def cast(self, x: Any, like: Any) -> Any:
+        return tf.cast(x, tf.as_dtype(like.dtype))
+
+    def expected_input(self, prepared: PreparedModel) -> str | None:
+        shape = getattr(prepared.source, "input_shape", None)  # a built functional/Sequential model
+        return None if shape is None else f"the model's input shape is {shape}"
+
     def from_numpy(self, x: np.ndarray, like: Any, *, cast: bool) -> Any:
         return tf.constant(x, dtype=tf.as_dtype(like.dtype) if cast else None)
 
@@ -242,15 +249,27 @@ class TensorFlowBackend(Adapter):
                 return fn(*full)
 
             elems = tuple(args[i] for i in mapped)
-            n = None if chunk_size is None else tf.nest.flatten(elems)[0].shape[0]
-            if n is None or n <= chunk_size:
+            n = tf.nest.flatten(elems)[0].shape[0]
+            if n == 0:  # pfor over zero iterations divides by zero (SIGFPE): map one dummy, keep none
+                dummy = tf.nest.map_structure(lambda e: tf.zeros((1, *e.shape[1:]), e.dtype), elems)
+                return tf.nest.map_structure(
+                    lambda t: t[:0], tf.vectorized_map(body, dummy, fallback_to_while_loop=True)
+                )
+            if chunk_size is None or n is None or n <= chunk_size:
                 return tf.vectorized_map(body, elems, fallback_to_while_loop=True)
             return _chunked_map(body, elems, n, chunk_size)
 
         return vectorised
 
     def jit(self, fn: Callable) -> Callable:
-        return tf.function(fn, autograph=False)
+        compiled = tf.function(fn, autograph=False)
+
+        def call(*args: Any) -> Any:
+            # Grappler divides by the zero length of an empty batch's pfor loops (SIGFPE): run eagerly
+            empty = any(isinstance(a, tf.Tensor) and a.shape.rank and a.shape[0] == 0 for a in args)
+            return fn(*args) if empty else compiled(*args)
+
+        return call
 
 
 def _chunked_map(body: Callable, elems: tuple, n: int, size: int) -> Any:

@@ -15,11 +15,13 @@ import tensorflow as tf
 
 __all__ = [
     "abs",
+    "all",
     "astype",
     "concat",
     "exp",
     "expm1",
     "eye",
+    "isfinite",
     "linalg",
     "log",
     "matmul",
@@ -83,6 +85,14 @@ def concat(arrays: Sequence[Any], /, *, axis: int | None = 0) -> tf.Tensor:
 
 def stack(arrays: Sequence[Any], /, *, axis: int = 0) -> tf.Tensor:
     return tf.stack(list(arrays), axis=axis)
+
+
+def all(x: Any, /, *, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> tf.Tensor:
+    return tf.reduce_all(tf.cast(x, tf.bool), axis=axis, keepdims=keepdims)
+
+
+def isfinite(x: Any, /) -> tf.Tensor:
+    return tf.math.is_finite(x)
 
 
 def max(x: Any, /, *, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> tf.Tensor:

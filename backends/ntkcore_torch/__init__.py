@@ -46,7 +46,25 @@ def _trainable(model: nn.Module, params: Any) -> dict[str, torch.Tensor]:
     unknown = sorted(set(params) - set(own))
     if unknown:
         raise ValueError(f"params= names {unknown} that are not trainable parameters of the model; known: {list(own)}")
-    return {name: torch.as_tensor(params.get(name, value)).to(value) for name, value in own.items()}
+    return {name: _replacement(name, params[name], value) if name in params else value for name, value in own.items()}
+
+
+def _replacement(name: str, value: Any, own: torch.Tensor) -> torch.Tensor:
+    """A replacement value for parameter ``name``: its shape exactly; a tensor in its dtype
+    (numpy data is converted to it), on its device."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype != own.dtype:
+            raise TypeError(f"params[{name!r}] has dtype {value.dtype}, but the parameter is {own.dtype}")
+    elif isinstance(value, (np.ndarray, np.generic, list, tuple, float, int)):
+        value = torch.as_tensor(np.asarray(value), dtype=own.dtype)
+    else:
+        raise TypeError(
+            f"params[{name!r}] must be a torch tensor or a numpy array, "
+            f"got {type(value).__module__}.{type(value).__name__}"
+        )
+    if tuple(value.shape) != tuple(own.shape):
+        raise ValueError(f"params[{name!r}] has shape {tuple(value.shape)}, but the parameter has {tuple(own.shape)}")
+    return value.detach().to(own.device)
 
 
 def _batch_coupling(model: nn.Module) -> str | None:
@@ -105,6 +123,17 @@ class TorchBackend(Adapter):
 
     def from_numpy(self, x: np.ndarray, like: torch.Tensor, *, cast: bool) -> torch.Tensor:
         return torch.as_tensor(x, dtype=like.dtype if cast else None, device=like.device)
+
+    def cast(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return x.to(device=like.device, dtype=like.dtype)
+
+    def expected_input(self, prepared: PreparedModel) -> str | None:
+        for name, module in prepared.source.named_modules():
+            for attr, what in (("in_features", "features on its last axis"), ("in_channels", "channels on axis 1")):
+                size = getattr(module, attr, None)
+                if isinstance(size, int):
+                    return f"its first layer {name or 'model'!r} ({type(module).__name__}) takes {size} {what}"
+        return None
 
     def to_numpy(self, x: torch.Tensor) -> np.ndarray:
         return x.detach().cpu().numpy()

@@ -286,3 +286,31 @@ def linear(w: np.ndarray, b: np.ndarray) -> Built:
     """One dense layer f(x) = x·w + b (w is (in, out)), float64."""
     params = {"l": {"w": jnp.asarray(w, dtype=jnp.float64), "b": jnp.asarray(b, dtype=jnp.float64)}}
     return Built(lambda p, x: _dense(p, "l", x), {"params": params})
+
+
+def coupled_models() -> dict[str, Built]:
+    """Three float64 models whose examples interact (inputs (N, 6), outputs (N, 3))."""
+    w = jnp.asarray(np.random.default_rng(3).normal(size=(6, 3)), dtype=jnp.float64)
+
+    def centering(p, x):
+        return (x - x.mean(0)) @ p["w"]
+
+    def batch_statistic(p, x):  # BatchNorm-like: the batch's own mean and spread
+        return ((x - x.mean(0)) / (x.std(0) + 1.0)) @ p["w"]
+
+    def across_examples(p, x):  # attention across the examples of the batch
+        return (jax.nn.softmax(x @ x.T, axis=-1) @ x) @ p["w"]
+
+    return {f.__name__: Built(f, {"params": {"w": w}}) for f in (centering, batch_statistic, across_examples)}
+
+
+def bad_params() -> list[tuple[Built, type, str]]:
+    """The mlp with params that do not fit it: (model, error type, message pattern)."""
+    built = build("mlp", "float64")
+    params = built.kwargs["params"]
+    missing = {"params": {k: v for k, v in params.items() if k != "l4"}}
+    wrong = {"params": {**params, "l1": {**params["l1"], "w": jnp.ones((7, 8), dtype=jnp.float64)}}}
+    return [
+        (Built(built.model, missing), ValueError, r"x1: .* it reads params\['l4'\], which params= lacks"),
+        (Built(built.model, wrong), ValueError, r"x1: the model cannot be evaluated on examples of shape \(6,\)"),
+    ]

@@ -256,3 +256,46 @@ def linear(w: np.ndarray, b: np.ndarray) -> Built:
     model = keras.Sequential([keras.Input((w.shape[0],), dtype="float64"), layer])
     model.layers[0].set_weights([w, b])
     return Built(model, {})
+
+
+def coupled_models() -> dict[str, Built]:
+    """Three float64 models whose examples interact (inputs (N, 6), outputs (N, 3))."""
+    operations = {
+        "centering": lambda x: x - tf.reduce_mean(x, 0),
+        "batch_statistic": lambda x: (x - tf.reduce_mean(x, 0)) / (tf.math.reduce_std(x, 0) + 1.0),
+        "across_examples": lambda x: tf.nn.softmax(x @ tf.transpose(x), axis=-1) @ x,
+    }
+    return {
+        name: Built(
+            keras.Sequential(
+                [
+                    keras.Input((6,), dtype="float64"),
+                    keras.layers.Lambda(op, dtype="float64"),
+                    keras.layers.Dense(3, dtype="float64"),
+                ]
+            )
+        )
+        for name, op in operations.items()
+    }
+
+
+def bad_params() -> list[tuple[Built, type, str]]:
+    """The mlp with params= that do not match its variables: (model, error type, message pattern)."""
+    model = build("mlp", "float64").model
+    return [
+        (
+            Built(model, {"params": {"mlp/l1/bias": np.ones(1)}}),
+            ValueError,
+            r"params\['mlp/l1/bias'\] has shape \(1,\), but the variable has \(8,\)",
+        ),
+        (
+            Built(model, {"params": {"mlp/l1/bias": tf.ones(8, dtype=tf.float32)}}),
+            TypeError,
+            r"params\['mlp/l1/bias'\] has dtype float32",
+        ),
+        (
+            Built(model, {"params": {"mlp/l9/bias": np.ones(8)}}),
+            ValueError,
+            r"names \['mlp/l9/bias'\] are not trainable",
+        ),
+    ]

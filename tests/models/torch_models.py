@@ -370,3 +370,47 @@ def linear(w: np.ndarray, b: np.ndarray) -> Built:
         layer.weight.copy_(torch.as_tensor(w.T))
         layer.bias.copy_(torch.as_tensor(b))
     return Built(layer)
+
+
+class _Coupled(nn.Module):
+    """A dense layer after an operation across the batch: examples interact."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how, self.dense = how, nn.Linear(6, 3, dtype=torch.float64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "centering":
+            x = x - x.mean(0)
+        elif self.how == "batch_statistic":  # BatchNorm-like: the batch's own mean and spread
+            x = (x - x.mean(0)) / (x.std(0) + 1.0)
+        else:  # attention across the examples of the batch
+            x = torch.softmax(x @ x.T, dim=-1) @ x
+        return self.dense(x)
+
+
+def coupled_models() -> dict[str, Built]:
+    """Three float64 models whose examples interact (inputs (N, 6), outputs (N, 3))."""
+    return {how: Built(_Coupled(how)) for how in ("centering", "batch_statistic", "across_examples")}
+
+
+def bad_params() -> list[tuple[Built, type, str]]:
+    """The mlp with params= that do not match its parameters: (model, error type, message pattern)."""
+    model = _build_module("mlp").to(torch.float64)
+    return [
+        (
+            Built(model, {"params": {"0.bias": torch.ones(1, dtype=torch.float64)}}),
+            ValueError,
+            r"params\['0\.bias'\] has shape \(1,\), but the parameter has \(8,\)",
+        ),
+        (
+            Built(model, {"params": {"0.bias": torch.ones(8, dtype=torch.float32)}}),
+            TypeError,
+            r"params\['0\.bias'\] has dtype torch\.float32",
+        ),
+        (
+            Built(model, {"params": {"l9.bias": torch.ones(8, dtype=torch.float64)}}),
+            ValueError,
+            r"names \['l9\.bias'\] that are not",
+        ),
+    ]
