@@ -14,6 +14,7 @@ from .inputs import BatchCouplingError, ModelCallError
 from .kernel_fn import KernelFn
 from .linearized import Linearized, linearize
 from .operators import NTKOperator, ntk_operator
+from .outputs import OutputChoiceError
 from .predict import Prediction, alignment, drift, gd_mse, kernel_drift, kernel_regression, max_learning_rate
 from .protocol import AutodiffBackend, PreparedModel
 from .registry import get_backend, installed_backends, known_backends
@@ -34,6 +35,7 @@ __all__ = [
     "MemoryBudgetError",
     "ModelCallError",
     "NTKOperator",
+    "OutputChoiceError",
     "Prediction",
     "PreparedModel",
     "Spectrum",

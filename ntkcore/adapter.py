@@ -97,6 +97,30 @@ class Adapter:
         return self._module("factorize").factorized(model, params, factors)
 
 
+def replaced_params(
+    own: Mapping[str, Any],
+    given: Mapping[str, Any],
+    convert: Callable[[str, Any, Any], Any],
+    unknown_message: Callable[[list[str]], str],
+) -> dict[str, Any]:
+    """``own`` with the values of ``params=`` (``given``), each checked and converted by
+    ``convert(name, value, own_value)``; every mismatch is named, in one error (a ``TypeError``
+    when all of them are dtypes or types, else a ``ValueError``)."""
+    unknown = [name for name in given if name not in own]
+    problems, kinds = ([unknown_message(unknown)], [ValueError]) if unknown else ([], [])
+    result = dict(own)
+    for name, value in given.items():
+        if name in own:
+            try:
+                result[name] = convert(name, value, own[name])
+            except (TypeError, ValueError) as error:
+                problems.append(str(error))
+                kinds.append(type(error))
+    if problems:
+        raise (TypeError if all(kind is TypeError for kind in kinds) else ValueError)("; ".join(problems))
+    return result
+
+
 class ApplyCache:
     """The ``apply`` made before for the same model and constants, so that the core's compiled
     kernels are reused across ``ntk()`` calls. An entry keeps what its key's ids refer to alive,

@@ -28,6 +28,7 @@ def ntk_fn(
     backend: str | None = None,
     batch_independent: bool | None = None,
     check_finite: bool = True,
+    output: Any = None,
     memory_budget: float | str | None = None,
     batch_size: int | None = None,
     progress: bool | None = None,
@@ -48,6 +49,7 @@ def ntk_fn(
         backend=backend,
         batch_independent=batch_independent,
         check_finite=check_finite,
+        output=output,
         kind="ntk",
         memory_budget=memory_budget,
         batch_size=batch_size,
@@ -69,6 +71,7 @@ def ntk(
     backend: str | None = None,
     batch_independent: bool | None = None,
     check_finite: bool = True,
+    output: Any = None,
     memory_budget: float | str | None = None,
     batch_size: int | None = None,
     progress: bool | None = None,
@@ -96,6 +99,12 @@ def ntk(
             forward pass of two examples against each alone; a model whose examples interact
             is refused); ``False`` computes the exact kernel of a batch whose examples
             interact; ``True`` skips the check.
+        output: which output of the model the kernel is of: a key or attribute name
+            (``output="logits"``), a path of them (``("hidden", 0)``), or a function of the
+            model's output (``output=lambda out: out.logits[:, -1]``). Without it, a model that
+            returns a tuple, list or dict of arrays gets a kernel per array, in that structure;
+            an output object of another type (a transformers ``ModelOutput``) is refused with a
+            message that suggests ``output=``.
         check_finite: refuse inputs with NaN or infinite entries (``ValueError``) and kernels
             with a non-finite entry (``FloatingPointError``, naming its index); ``False`` skips
             both checks, as in SciPy.
@@ -131,6 +140,7 @@ def ntk(
         backend=backend,
         batch_independent=batch_independent,
         check_finite=check_finite,
+        output=output,
         memory_budget=memory_budget,
         batch_size=batch_size,
         progress=progress,
@@ -152,6 +162,7 @@ def explain(
     backend: str | None = None,
     batch_independent: bool | None = None,
     check_finite: bool = True,
+    output: Any = None,
     memory_budget: float | str | None = None,
 ) -> Explanation:
     """What :func:`ntk` would do with the same arguments, without computing or compiling it.
@@ -170,6 +181,7 @@ def explain(
         backend=backend,
         batch_independent=batch_independent,
         check_finite=check_finite,
+        output=output,
         memory_budget=memory_budget,
     )
     return fn.explain(x1, x2)
@@ -186,6 +198,7 @@ def nngp(
     backend: str | None = None,
     batch_independent: bool | None = None,
     check_finite: bool = True,
+    output: Any = None,
     batch_size: int | None = None,
     out: Any = None,
     overwrite: bool = False,
@@ -200,6 +213,7 @@ def nngp(
         backend=backend,
         batch_independent=batch_independent,
         check_finite=check_finite,
+        output=output,
         kind="nngp",
         batch_size=batch_size,
         progress=progress,

@@ -82,6 +82,14 @@ def _integers(text: str, flag: str) -> tuple[int, ...]:
         raise CommandError(f"{flag} takes comma-separated integers, e.g. 8,3 or -1; got {text!r}") from None
 
 
+def _output(text: str | None) -> Any:
+    """``--output logits`` or a path ``--output hidden_states.0`` (integers index sequences)."""
+    if not text:
+        return None
+    parts = tuple(int(p) if p.lstrip("-").isdigit() else p for p in text.split("."))
+    return parts[0] if len(parts) == 1 else parts
+
+
 def _axes(text: str | None, flag: str) -> tuple[int, ...]:
     return () if not text else _integers(text, flag)
 
@@ -95,6 +103,7 @@ def _kernel_options(args: argparse.Namespace) -> dict:
         "diagonal_axes": _axes(args.diagonal_axes, "--diagonal-axes"),
         "backend": args.backend,
         "memory_budget": args.memory_budget,
+        "output": _output(args.output),
     }
 
 
@@ -143,6 +152,7 @@ _FLAGS = {
     "backend=": "--backend ",
     "out=": "--out ",
     "params=": "--params ",
+    "output=": "--output ",
     "x1": "--x1",
     "x2": "--x2",
 }
@@ -203,6 +213,7 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--diagonal-axes", help="comma-separated output axes to keep the diagonal of, e.g. 0")
     explain.add_argument("--backend", help="jax, torch or tensorflow (default: inferred)")
     explain.add_argument("--memory-budget", help="bytes, or e.g. 4GB (default: half of the free memory)")
+    explain.add_argument("--output", help="the model output's key or attribute (a path with dots: hidden_states.0)")
     explain.set_defaults(handler=_explain)
     compute = commands.add_parser(
         "compute", help="a kernel written to disk tile by tile (resumable: rerun the same command)"
@@ -218,6 +229,7 @@ def _parser() -> argparse.ArgumentParser:
     compute.add_argument("--diagonal-axes", help="comma-separated output axes to keep the diagonal of")
     compute.add_argument("--backend", help="jax, torch or tensorflow (default: inferred)")
     compute.add_argument("--memory-budget", help="bytes, or e.g. 4GB (default: half of the free memory)")
+    compute.add_argument("--output", help="the model output's key or attribute (a path with dots: hidden_states.0)")
     compute.add_argument("--scheduler", help="address of a Dask scheduler: tiles run on its workers")
     compute.add_argument("--progress", choices=["on", "off"], help="progress bar (default: on a terminal)")
     compute.add_argument("--overwrite", action="store_true", help="replace an --out holding another kernel")

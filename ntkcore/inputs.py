@@ -11,6 +11,7 @@ import math
 import re
 from typing import Any
 
+from .outputs import OutputChoiceError, StructuredOutput, leaves
 from .protocol import AutodiffBackend, PreparedModel
 
 # float dtype -> machine epsilon, for the tolerance of the independence probe
@@ -90,6 +91,8 @@ def _call(backend: AutodiffBackend, prepared: PreparedModel, name: str, x: Any) 
     """``apply(params, x)``, its failure reported as ntkcore's error naming the input."""
     try:
         return prepared.apply(prepared.params, x)
+    except OutputChoiceError:
+        raise
     except Exception as error:
         expected = getattr(backend, "expected_input", lambda prepared: None)(prepared)
         hint = f"; {expected}" if expected else ""
@@ -120,8 +123,12 @@ def output_shape(
     if x2 is not None and backend.dtype_name(x2) != backend.dtype_name(x1):
         _call(backend, prepared, "x2", x2 if coupled else x2[:1])
     if not hasattr(probe, "shape") or not hasattr(probe, "dtype"):
-        raise TypeError(
-            f"model output must be one array of shape (N, *out), got {type(probe).__module__}.{type(probe).__name__}"
+        paths = leaves(probe)  # a clear error for an output object that holds no arrays we can find
+        raise StructuredOutput(
+            f"the model returns {type(probe).__name__} of {len(paths)} arrays: ntk() gives a kernel per array in the "
+            "same structure; here pass output= (a key or attribute name, or a function of the output) to choose one",
+            probe,
+            paths,
         )
     if not backend.is_floating(probe):
         raise TypeError(f"model output must be floating point, got dtype {backend.dtype_name(probe)}")

@@ -4,6 +4,7 @@ tile by tile, :mod:`ntkcore.large_n`, through the small public interface below).
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any
 
@@ -15,6 +16,7 @@ from .explain import Explanation, MemoryBudgetError, budget_message, choose, des
 from .implementations import REGISTRY, Implementation, KernelCall, Method
 from .implementations.structured import StructuredFallbackWarning, plan
 from .inputs import all_finite, check_independent, check_pair, first_nonfinite, output_shape
+from .outputs import StructuredOutput, check_output, rebuild, selected_apply
 from .protocol import AutodiffBackend, Capture, PreparedModel
 from .registry import detect_backend, get_backend
 
@@ -60,8 +62,11 @@ class KernelFn:
         executor: Any = None,
         per_layer: bool = False,
         check_finite: bool = True,
+        output: Any = None,
     ) -> None:
         _check_options(per_layer, batch_size, executor, batch_independent)
+        check_output(output)
+        self._output = output
         if check_finite not in (True, False):
             raise TypeError(f"check_finite must be True or False, got {check_finite!r}")
         self._check_finite = check_finite
@@ -96,6 +101,8 @@ class KernelFn:
                 "model.eval()), or pass batch_independent=False to compute the exact kernel of "
                 "the batch as a whole."
             )
+        if self._output is not None:
+            prepared = dataclasses.replace(prepared, apply=selected_apply(prepared.apply, self._output))
         self._prepared = prepared
 
     # -- the interface of the tiled path and the operators ----------------------------------
@@ -167,6 +174,7 @@ class KernelFn:
             "kind": self._kind,
             "memory_budget": self._memory_budget,
             "check_finite": self._check_finite,
+            "output": self._output,
         }
 
     def options(self, batch_size: int) -> dict:
@@ -194,7 +202,12 @@ class KernelFn:
         the whole kernel at once does not fit the memory budget, it is computed tile by tile
         (:mod:`ntkcore.large_n`).
         """
-        x1, x2, out_shape, axes = self.resolve(x1, x2)
+        try:
+            x1, x2, out_shape, axes = self.resolve(x1, x2)
+        except StructuredOutput as found:
+            if out is not None:
+                raise ValueError(f"{found} (out= holds one kernel)") from None
+            return self._per_output(found, x1, x2)
         if self._per_layer:
             if out is not None:
                 raise ValueError("per_layer=True returns the layers' kernels in memory: out= is not supported")
@@ -208,6 +221,15 @@ class KernelFn:
             self, x1, x2, out_shape, axes, batch_size=size, out=out, overwrite=overwrite,
             progress=self._progress, executor=self._executor, verify=verify,
         )  # fmt: skip
+
+    def _per_output(self, found: StructuredOutput, x1: Any, x2: Any) -> Any:
+        """A kernel per array of a tuple/list/dict output, in its structure."""
+        options = {"batch_size": self._batch_size, "progress": self._progress, "executor": self._executor}
+        kernels = {
+            path: KernelFn(**{**self.spec(), "output": path}, **options, per_layer=self._per_layer)(x1, x2)
+            for path in found.paths
+        }
+        return rebuild(found.probe, kernels)
 
     def _fits(self, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes) -> bool:
         """Whether the whole kernel can be computed at once (``"auto"``: some method fits the

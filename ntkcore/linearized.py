@@ -7,9 +7,11 @@ framework: its inputs and outputs are that framework's arrays.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from .outputs import check_output, selected_apply
 from .protocol import AutodiffBackend, PreparedModel
 from .registry import detect_backend, get_backend
 
@@ -23,9 +25,12 @@ class Linearized:
     (its trainable parameters). ``lin.model(x, params)`` evaluates the original, nonlinear f.
     """
 
-    def __init__(self, model: Any, params: Any, backend: AutodiffBackend) -> None:
+    def __init__(self, model: Any, params: Any, backend: AutodiffBackend, output: Any = None) -> None:
         self._model, self._backend = model, backend
         self._prepared: PreparedModel = backend.prepare(model, params)
+        if output is not None:
+            check_output(output)
+            self._prepared = dataclasses.replace(self._prepared, apply=selected_apply(self._prepared.apply, output))
         if not self._prepared.params:
             raise ValueError("model has no trainable parameters to linearise around")
         self._like = next(iter(self._prepared.params.values()))
@@ -86,8 +91,9 @@ class Linearized:
         return self._prepared.apply(self._prepared.params if params is None else self._point(params), x)
 
 
-def linearize(model: Any, params: Any = None, *, backend: str | None = None) -> Linearized:
+def linearize(model: Any, params: Any = None, *, backend: str | None = None, output: Any = None) -> Linearized:
     """The linearised model of ``model`` around ``params`` (θ₀; as :func:`ntkcore.ntk`'s
-    ``params=``: a JAX pytree, or for torch/Keras optional replacement values)."""
+    ``params=``: a JAX pytree, or for torch/Keras optional replacement values), of the output
+    ``output=`` chooses (as for :func:`ntkcore.ntk`)."""
     adapter = get_backend(backend) if backend is not None else detect_backend(model, params, ())
-    return Linearized(model, params, adapter)
+    return Linearized(model, params, adapter, output)

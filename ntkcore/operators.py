@@ -145,6 +145,7 @@ def ntk_operator(
     trace_axes: int | Sequence[int] = (),
     backend: str | None = None,
     batch_independent: bool | None = None,
+    output: Any = None,
 ) -> NTKOperator:
     """Θ(x, x) of ``model`` as a matrix-free :class:`NTKOperator` (see :func:`ntkcore.ntk` for
     the arguments). ``ntkcore.spectrum(op, k=...)`` gives its extreme eigenvalues by Lanczos.
@@ -157,5 +158,6 @@ def ntk_operator(
         backend=backend,
         batch_independent=batch_independent,
         kind="ntk",
+        output=output,
     )
     return NTKOperator(fn, x)

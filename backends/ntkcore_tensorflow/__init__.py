@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from ntkcore.adapter import Adapter, ApplyCache
+from ntkcore.adapter import Adapter, ApplyCache, replaced_params
 from ntkcore.protocol import PreparedModel
 
 from . import xp as _xp
@@ -120,13 +120,14 @@ def _prepare_keras(model: Any, params: Any) -> PreparedModel:
                 "params= for a Keras model must be a mapping name -> array of replacement values for "
                 f"its trainable variables, got {type(params).__name__}; names: {names}"
             )
-        unknown = [k for k in params if k not in values]
-        if unknown:
-            raise ValueError(
+        values = replaced_params(
+            values,
+            params,
+            _replacement,
+            lambda unknown: (
                 f"params= names {unknown} are not trainable variables of the model; expected some of {names}"
-            )
-        for name, value in params.items():
-            values[name] = _replacement(name, value, values[name])
+            ),
+        )
     kwargs = {"training": False} if getattr(model, "_call_has_training_arg", True) else {}
 
     def apply(p: Mapping[str, Any], x: Any) -> Any:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ntkcore.adapter import Adapter
+from ntkcore.adapter import Adapter, replaced_params
 from ntkcore.protocol import PreparedModel
 
 from .layers import FactorizedLinear
@@ -43,10 +43,12 @@ def _trainable(model: nn.Module, params: Any) -> dict[str, torch.Tensor]:
         return own
     if not isinstance(params, Mapping):
         raise TypeError(f"params= for a torch module must be a name -> tensor map, got {type(params).__name__}")
-    unknown = sorted(set(params) - set(own))
-    if unknown:
-        raise ValueError(f"params= names {unknown} that are not trainable parameters of the model; known: {list(own)}")
-    return {name: _replacement(name, params[name], value) if name in params else value for name, value in own.items()}
+    return replaced_params(
+        own,
+        params,
+        _replacement,
+        lambda unknown: f"params= names {unknown} that are not trainable parameters of the model; known: {list(own)}",
+    )
 
 
 def _replacement(name: str, value: Any, own: torch.Tensor) -> torch.Tensor:

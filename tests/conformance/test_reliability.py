@@ -64,10 +64,12 @@ def test_empty_batches(backend, zoo, side):
             ntkcore.ntk(built.model, *pair, implementation=implementation, **built.kwargs)
 
 
-def test_wrong_input_width_names_the_input(backend, zoo):
-    built, _, _ = _mlp(zoo)
+def test_wrong_inputs_are_named(backend, zoo):
+    built, x1, _ = _mlp(zoo)
     with pytest.raises(ntkcore.ModelCallError, match=r"^x1: the model cannot be evaluated on examples of shape \(7,\)"):
         ntkcore.ntk(built.model, np.ones((3, 7)), **built.kwargs)
+    with pytest.raises(TypeError, match=r"^x2 has dtype int"):
+        ntkcore.ntk(built.model, x1, np.ones((3, 6), dtype=np.int64), **built.kwargs)
 
 
 def test_native_inputs_take_the_parameters_dtype(backend, zoo):
@@ -99,6 +101,15 @@ def test_params_that_do_not_match(backend, zoo):
     for built, error, pattern in zoo.bad_params():
         with pytest.raises(error, match=pattern):
             ntkcore.ntk(built.model, x1, **built.kwargs)
+
+
+def test_every_params_mismatch_is_named_at_once(backend, zoo):
+    if zoo.bad_params_together is None:
+        pytest.skip(f"{backend}: params are the model's own")
+    built, names = zoo.bad_params_together()
+    with pytest.raises(ValueError) as error:
+        ntkcore.ntk(built.model, inputs("mlp")[0], **built.kwargs)
+    assert all(f"params[{name!r}]" in str(error.value) for name in names), error.value
 
 
 # -- stores ------------------------------------------------------------------------------------

@@ -99,3 +99,27 @@ def test_factorize_refuses_subclassed_and_unbuilt_models(keras):
         ntkcore.factorize(unbuilt, 2)
     with pytest.raises(ValueError, match="params= is not used to factorize a Keras model"):
         ntkcore.factorize(keras.Sequential([keras.Input((6,)), keras.layers.Dense(4)]), 2, params={})
+
+
+_EMPTY_BATCH = """
+import numpy as np, keras, tensorflow as tf
+from ntkcore.implementations import REGISTRY
+from ntkcore.kernel_fn import KernelFn
+model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(3)])
+for name in REGISTRY:
+    fn = KernelFn(model, implementation=name)
+    x1, _, out_shape, axes = fn.resolve(np.ones((4, 6), np.float32), None)
+    print(name, tuple(fn.untiled(x1, tf.zeros((0, 6)), out_shape, axes).shape))
+"""
+
+
+def test_empty_batch_inside_does_not_crash(keras):
+    """Graph-mode pfor over zero examples used to die of SIGFPE (structured derivatives) or fail
+    (NTK-vector products); the adapter now gives the empty kernel. (The API refuses empty
+    batches before any work; this reaches the adapter directly, in a child process.)"""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _EMPTY_BATCH], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("(4, 0, 3, 3)") == len(ntkcore.implementations.REGISTRY), result.stdout

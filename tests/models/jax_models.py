@@ -314,3 +314,34 @@ def bad_params() -> list[tuple[Built, type, str]]:
         (Built(built.model, missing), ValueError, r"x1: .* it reads params\['l4'\], which params= lacks"),
         (Built(built.model, wrong), ValueError, r"x1: the model cannot be evaluated on examples of shape \(6,\)"),
     ]
+
+
+bad_params_together = None  # a JAX function's params are the model's own: nothing to match them against
+
+
+def multi_output() -> Built:
+    """float64: inputs (N, 6), output {"a": (N, 3), "b": ((N, 2), (N, 3))}."""
+    rng = np.random.default_rng(0)
+    params = {
+        k: jnp.asarray(rng.normal(size=s) / 3, dtype=jnp.float64)
+        for k, s in (("w", (6, 8)), ("a", (8, 3)), ("b", (8, 2)))
+    }
+
+    def f(p, x):
+        h = jnp.tanh(x @ p["w"])
+        return {"a": h @ p["a"], "b": (h @ p["b"], 2 * (h @ p["a"]))}
+
+    return Built(f, {"params": params})
+
+
+class _Record:
+    """An output object (as transformers' ModelOutput is to a model's user): not an array."""
+
+    def __init__(self, logits: jax.Array) -> None:
+        self.logits = logits
+
+
+def object_output() -> Built:
+    """float64: inputs (N, 6), output an object whose ``logits`` is (N, 3)."""
+    w = jnp.asarray(np.random.default_rng(0).normal(size=(6, 3)), dtype=jnp.float64)
+    return Built(lambda p, x: _Record(x @ p["w"]), {"params": {"w": w}})

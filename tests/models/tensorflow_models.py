@@ -299,3 +299,24 @@ def bad_params() -> list[tuple[Built, type, str]]:
             r"names \['mlp/l9/bias'\] are not trainable",
         ),
     ]
+
+
+def bad_params_together() -> tuple[Built, list[str]]:
+    """Two mismatches in one params= map, and the names the one error must give."""
+    params = {"mlp/l1/bias": np.ones(1), "mlp/l2/kernel": tf.ones((8, 8), dtype=tf.float32)}
+    return Built(build("mlp", "float64").model, {"params": params}), ["mlp/l1/bias", "mlp/l2/kernel"]
+
+
+def multi_output() -> Built:
+    """float64: inputs (N, 6), output {"a": (N, 3), "b": ((N, 2), (N, 3))} (a functional model)."""
+    keras.utils.set_random_seed(0)
+    x = keras.Input((6,), dtype="float64")
+    h = keras.layers.Dense(8, activation="tanh", dtype="float64")(x)
+    head = keras.layers.Dense(3, dtype="float64")
+    a = head(h)
+    b = keras.layers.Dense(2, dtype="float64")(h)
+    twice = keras.layers.Rescaling(2.0, dtype="float64")(a)
+    return Built(keras.Model(x, {"a": a, "b": (b, twice)}))
+
+
+object_output = None  # a Keras model returns arrays or structures of them only

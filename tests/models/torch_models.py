@@ -414,3 +414,49 @@ def bad_params() -> list[tuple[Built, type, str]]:
             r"names \['l9\.bias'\] that are not",
         ),
     ]
+
+
+def bad_params_together() -> tuple[Built, list[str]]:
+    """Two mismatches in one params= map, and the names the one error must give."""
+    model = _build_module("mlp").to(torch.float64)
+    params = {"0.bias": torch.ones(1, dtype=torch.float64), "2.weight": torch.ones(8, 8, dtype=torch.float32)}
+    return Built(model, {"params": params}), ["0.bias", "2.weight"]
+
+
+class _TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(6, 8, dtype=torch.float64)
+        self.a, self.b = nn.Linear(8, 3, dtype=torch.float64), nn.Linear(8, 2, dtype=torch.float64)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        h = torch.tanh(self.body(x))
+        return {"a": self.a(h), "b": (self.b(h), 2 * self.a(h))}
+
+
+class _Record:
+    """An output object (as transformers' ModelOutput is to a model's user): not an array."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits = logits
+
+
+class _ObjectOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dense = nn.Linear(6, 3, dtype=torch.float64)
+
+    def forward(self, x: torch.Tensor) -> _Record:
+        return _Record(self.dense(x))
+
+
+def multi_output() -> Built:
+    """float64: inputs (N, 6), output {"a": (N, 3), "b": ((N, 2), (N, 3))}."""
+    torch.manual_seed(0)
+    return Built(_TwoHeads())
+
+
+def object_output() -> Built:
+    """float64: inputs (N, 6), output an object whose ``logits`` is (N, 3)."""
+    torch.manual_seed(0)
+    return Built(_ObjectOutput())
