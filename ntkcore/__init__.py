@@ -11,7 +11,7 @@ from .factorize import factorize
 from .implementations import Implementation
 from .implementations.structured import StructuredFallbackWarning
 from .inputs import BatchCouplingError, ModelCallError
-from .kernel_fn import KernelFn
+from .kernel_fn import AutoFallbackWarning, KernelFn
 from .linearized import Linearized, linearize
 from .operators import NTKOperator, ntk_operator
 from .outputs import OutputChoiceError
@@ -24,6 +24,7 @@ from .stores import StoreLockedError, StoreMismatchError
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoFallbackWarning",
     "AutodiffBackend",
     "BatchCouplingError",
     "ConvergenceError",

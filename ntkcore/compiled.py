@@ -20,6 +20,7 @@ SIZE = 64
 _COMPILED: OrderedDict = OrderedDict()
 _CAPTURES: OrderedDict = OrderedDict()  # -> [capture, whether its fallbacks were warned about]
 _CHOICES: OrderedDict = OrderedDict()  # auto's choice per model, shapes and options
+_FAILED: OrderedDict = OrderedDict()  # implementations that raised on a model and input shape -> why
 
 
 def lookup(cache: OrderedDict, key: Hashable, make: Callable[[], Any]) -> Any:

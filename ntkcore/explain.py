@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .axes import KernelAxes
 from .cost_model import Estimate, ModelShape
@@ -42,6 +42,7 @@ class Explanation:
     budget_source: str
     layers: tuple[LayerRule, ...]
     structured_unavailable: str | None = None  # why structured derivatives are not a candidate
+    failed: Mapping[str, str] = field(default_factory=dict)  # implementations that raised on this model
 
     def budget_message(self) -> str:
         """The error text when nothing fits: what each method needs and what to do."""
@@ -49,7 +50,7 @@ class Explanation:
 
     def __str__(self) -> str:
         second = "x2 = x1" if self.n2 is None else f"N2 = {self.n2}"
-        budget = "no limit" if self.budget_bytes is None else _bytes(self.budget_bytes)
+        budget = "no limit" if self.budget_bytes is None else format_bytes(self.budget_bytes)
         lines = [
             f"ntkcore.explain: {self.backend} on {self.device}, {self.dtype}, N1 = {self.n1}, {second}, "
             f"output per example {self.out_shape}, kernel {self.kernel_shape}",
@@ -60,11 +61,12 @@ class Explanation:
         for name, e in self.estimates.items():
             fits = "yes" if self.budget_bytes is None or e.peak_bytes <= self.budget_bytes else "no"
             mark = "  <- choice" if name == self.choice else ""
-            lines.append(
-                f"{name:<22} {e.flops / 1e9:>10.4g} {_bytes(e.peak_bytes):>12} {_seconds(e.seconds):>11}  {fits}{mark}"
-            )
+            peak, seconds = format_bytes(e.peak_bytes), _seconds(e.seconds)
+            lines.append(f"{name:<22} {e.flops / 1e9:>10.4g} {peak:>12} {seconds:>11}  {fits}{mark}")
         if self.structured_unavailable:
             lines.append(f"structured: not a candidate ({self.structured_unavailable})")
+        for name, error in self.failed.items():
+            lines.append(f"{name}: not a candidate (it raised on this model: {error})")
         if self.choice is None:
             lines += ["", self.budget_message()]
         if self.layers:
@@ -85,9 +87,9 @@ def budget_message(
     estimates: Mapping[str, Estimate], budget: float | None, source: str, kernel_shape: tuple[int, ...]
 ) -> str:
     """Why nothing fits ``budget``: what each method needs, and what to do."""
-    needs = ", ".join(f"{name} ~{_bytes(e.peak_bytes)}" for name, e in estimates.items())
+    needs = ", ".join(f"{name} ~{format_bytes(e.peak_bytes)}" for name, e in estimates.items())
     return (
-        f"no implementation fits the memory budget of {_bytes(budget)} ({source}) for a "
+        f"no implementation fits the memory budget of {format_bytes(budget)} ({source}) for a "
         f"kernel of shape {kernel_shape}: predicted peaks are {needs}. Compute less at once: "
         "trace_axes=(-1,) sums over the output axis (O times fewer entries), "
         "diagonal_axes=(0,) keeps only pairs x1[i], x2[i]; batch_size= computes the kernel tile by tile "
@@ -106,7 +108,8 @@ def describe_layers(
     )
 
 
-def _bytes(n: float | None) -> str:
+def format_bytes(n: float | None) -> str:
+    """Bytes as kB/MB/GB, for messages."""
     if n is None:
         return "unknown"
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):

@@ -12,13 +12,18 @@ from . import compiled, large_n, memory
 from .arrays import device_of, itemsize
 from .axes import KernelAxes
 from .cost_model import Estimate, constants, device_class, estimate, model_shape
-from .explain import Explanation, MemoryBudgetError, budget_message, choose, describe_layers
+from .explain import Explanation, MemoryBudgetError, budget_message, choose, describe_layers, format_bytes
 from .implementations import REGISTRY, Implementation, KernelCall, Method
 from .implementations.structured import StructuredFallbackWarning, plan
 from .inputs import all_finite, check_independent, check_pair, first_nonfinite, output_shape
 from .outputs import StructuredOutput, check_output, rebuild, selected_apply
 from .protocol import AutodiffBackend, Capture, PreparedModel
 from .registry import detect_backend, get_backend
+
+
+class AutoFallbackWarning(UserWarning):
+    """An implementation ``auto`` chose raised on this model; the next best is used instead."""
+
 
 Resolved = tuple[Any, Any, tuple[int, ...], KernelAxes]  # x1, x2, per-example output shape, axes
 
@@ -249,6 +254,8 @@ class KernelFn:
         name = self._implementation.value
         if self._implementation is Implementation.AUTO:
             name = self._auto_choice(x1, x2, out_shape, axes)
+        else:
+            self._check_budget(name, x1, x2, out_shape, axes)
         method = REGISTRY[name]
         if self._batch_independent is False and not method.batch_coupled:
             warnings.warn(
@@ -261,18 +268,77 @@ class KernelFn:
         return method
 
     def untiled(self, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes) -> Any:
-        """The kernel in one computation, on checked inputs (:meth:`resolve`)."""
-        method = self._method(x1, x2, out_shape, axes)
+        """The kernel in one computation, on checked inputs (:meth:`resolve`). An implementation
+        ``auto`` chose that raises on this model is excluded (for this model and input shape,
+        and in ``explain``), with a warning, and the next best runs instead."""
+        while True:
+            method = self._method(x1, x2, out_shape, axes)
+            try:
+                result = self._run(method, x1, x2, out_shape, axes)
+                break
+            except Exception as error:
+                if self._implementation is not Implementation.AUTO or method is None:
+                    raise
+                self._exclude(method, x1, error)
+        if self._check_finite:
+            for layer, part in result.items() if self._per_layer else [(None, result)]:
+                self._check_result(part, layer, method)
+        return result
+
+    def _run(self, method: Method | None, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes) -> Any:
         capture = self._capture(x1, warn=True) if method is not None and method.uses_capture else None
         call = KernelCall(
             self._backend, self._prepared.apply, axes, out_shape, self._batch_independent is False, capture
         )
         kernel = compiled.compiled_kernel(call, method, reuse=x2 is None, per_layer=self._per_layer)
-        result = kernel(self._prepared.params, x1) if x2 is None else kernel(self._prepared.params, x1, x2)
-        if self._check_finite:
-            for layer, part in result.items() if self._per_layer else [(None, result)]:
-                self._check_result(part, layer, method)
-        return result
+        return kernel(self._prepared.params, x1) if x2 is None else kernel(self._prepared.params, x1, x2)
+
+    def _failed_key(self, x1: Any) -> tuple:
+        """The model (its source object: torch makes a new ``apply`` per call) and input shape."""
+        backend, prepared = self._backend, self._prepared
+        model = prepared.apply if prepared.source is None else prepared.source
+        try:
+            hash(model)
+        except TypeError:  # an equinox module hashes its arrays
+            model = ("id", id(model))
+        return (backend.name, model, tuple(x1.shape[1:]), backend.dtype_name(x1), self._batch_independent)
+
+    def _failed(self, x1: Any) -> dict[str, str]:
+        """Implementations that raised on this model and input shape -> their error."""
+        return compiled._FAILED.get(self._failed_key(x1), {})
+
+    def _exclude(self, method: Method, x1: Any, error: Exception) -> None:
+        reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+        failed = compiled.lookup(compiled._FAILED, self._failed_key(x1), dict)
+        failed[method.name] = reason
+        warnings.warn(
+            f'implementation="{method.name}" cannot run on this model ({reason}); "auto" uses the next best',
+            AutoFallbackWarning,
+            stacklevel=4,
+        )
+
+    def _check_budget(self, name: str, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes) -> None:
+        """An explicit implementation predicted to exceed the memory budget is refused: the
+        operating system would kill the process."""
+        budget, source = self.budget()
+        if budget is None or self._kind != "ntk":
+            return
+        backend = self._backend
+        key = (
+            "peak", name, backend.name, self._prepared.apply, tuple(x1.shape), None if x2 is None else tuple(x2.shape),
+            backend.dtype_name(x1), out_shape, axes, self._batch_independent,
+        )  # fmt: skip
+        found = compiled.lookup(compiled._CHOICES, key, lambda: self.estimates(x1, x2, out_shape, axes).get(name))
+        if found is None or found.peak_bytes <= budget:
+            return
+        shape = self._kernel_shape(x1, x2, out_shape, axes)
+        raise MemoryBudgetError(
+            f"implementation={name!r} is predicted to need {format_bytes(found.peak_bytes)} at its peak for a kernel "
+            f"of shape {shape}, more than the memory budget of {format_bytes(budget)} ({source}); the operating "
+            'system would kill the process. implementation="auto" chooses one that fits (or tiles the kernel); '
+            "batch_size= computes the kernel tile by tile, out='kernel.zarr' writes it to disk; trace_axes=(-1,) "
+            "sums over the output axis; or raise memory_budget= if the prediction is too cautious"
+        )
 
     def _check_result(self, kernel: Any, layer: str | None, method: Method | None) -> None:
         """A non-finite entry computed from finite inputs is an error, never a result."""
@@ -309,6 +375,7 @@ class KernelFn:
             budget_source=budget_source,
             layers=describe_layers(shape, x1.shape[0], n2, out_shape, axes),
             structured_unavailable=unavailable,
+            failed=dict(self._failed(x1)),
         )
 
     def _estimates(self, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes) -> tuple:
@@ -328,7 +395,10 @@ class KernelFn:
         device = device_class(device_of(like))
         table, size = constants(backend.name, device), itemsize(backend.dtype_name(like))
         n2 = None if x2 is None else x2.shape[0]
-        candidates = [name for name, m in REGISTRY.items() if not m.uses_capture or capture is not None]
+        failed = self._failed(x1)
+        candidates = [
+            name for name, m in REGISTRY.items() if (not m.uses_capture or capture is not None) and name not in failed
+        ]
         estimates = {m: estimate(shape, m, x1.shape[0], n2, out_shape, axes, size, table) for m in candidates}
         return estimates, shape, device, unavailable
 
@@ -338,11 +408,15 @@ class KernelFn:
         key = (
             backend.name, self._prepared.apply, tuple(x1.shape), None if x2 is None else tuple(x2.shape),
             backend.dtype_name(x1), out_shape, axes, self._batch_independent, self._memory_budget,
+            tuple(self._failed(x1)),
         )  # fmt: skip
         return compiled.lookup(compiled._CHOICES, key, lambda: self._choose(x1, x2, out_shape, axes))
 
     def _choose(self, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes) -> str:
         estimates = self.estimates(x1, x2, out_shape, axes)
+        if not estimates and self._failed(x1):
+            reasons = "; ".join(f"{name}: {why}" for name, why in self._failed(x1).items())
+            raise RuntimeError(f"no implementation can run on this model: {reasons}")
         budget, source = self.budget()
         choice = choose(estimates, budget)
         if choice is None:

@@ -112,6 +112,37 @@ def test_every_params_mismatch_is_named_at_once(backend, zoo):
     assert all(f"params[{name!r}]" in str(error.value) for name in names), error.value
 
 
+def test_auto_skips_an_implementation_that_raises(backend, zoo, monkeypatch):
+    """The method auto picks raises (a framework without a batching rule, say): it is excluded
+    for this model, with a warning and in ``explain``, and the next best gives the kernel."""
+    from collections import OrderedDict
+
+    from ntkcore import compiled
+
+    built, x1, x2 = _mlp(zoo)
+    expected = zoo.to_numpy(ntkcore.ntk(built.model, x1, x2, implementation="jacobian_contraction", **built.kwargs))
+    first = ntkcore.explain(built.model, x1, x2, **built.kwargs).choice
+    for cache in ("_COMPILED", "_CHOICES", "_FAILED"):  # compile afresh, with the broken method
+        monkeypatch.setattr(compiled, cache, OrderedDict())
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("no batching rule for this operation")
+
+    monkeypatch.setattr(type(REGISTRY[first]), "kernel", broken)
+    with pytest.warns(ntkcore.AutoFallbackWarning, match=rf'implementation="{first}" cannot run on this model'):
+        kernel = ntkcore.ntk(built.model, x1, x2, **built.kwargs)
+    np.testing.assert_allclose(zoo.to_numpy(kernel), expected, rtol=1e-10, atol=1e-12 * np.abs(expected).max())
+    explanation = ntkcore.explain(built.model, x1, x2, **built.kwargs)
+    assert first not in explanation.estimates and "no batching rule" in explanation.failed[first]
+    assert f"{first}: not a candidate (it raised on this model" in str(explanation)
+
+
+def test_explicit_implementation_over_the_memory_budget(backend, zoo):
+    built, x1, x2 = _mlp(zoo)
+    with pytest.raises(ntkcore.MemoryBudgetError, match=r"implementation='jacobian_contraction' is predicted to need"):
+        ntkcore.ntk(built.model, x1, x2, implementation="jacobian_contraction", memory_budget=100, **built.kwargs)
+
+
 # -- stores ------------------------------------------------------------------------------------
 def _zarr_chunks(out: Path) -> list[Path]:
     return sorted(p for p in (out / "c").rglob("*") if p.is_file())
