@@ -29,6 +29,7 @@ def ntk_fn(
     batch_independent: bool | None = None,
     check_finite: bool = True,
     output: Any = None,
+    trainable: Any = None,
     memory_budget: float | str | None = None,
     batch_size: int | None = None,
     progress: bool | None = None,
@@ -50,6 +51,7 @@ def ntk_fn(
         batch_independent=batch_independent,
         check_finite=check_finite,
         output=output,
+        trainable=trainable,
         kind="ntk",
         memory_budget=memory_budget,
         batch_size=batch_size,
@@ -72,6 +74,7 @@ def ntk(
     batch_independent: bool | None = None,
     check_finite: bool = True,
     output: Any = None,
+    trainable: Any = None,
     memory_budget: float | str | None = None,
     batch_size: int | None = None,
     progress: bool | None = None,
@@ -105,6 +108,9 @@ def ntk(
             returns a tuple, list or dict of arrays gets a kernel per array, in that structure;
             an output object of another type (a transformers ``ModelOutput``) is refused with a
             message that suggests ``output=``.
+        trainable: a predicate on parameter names choosing θ instead of the defaults (torch
+            ``requires_grad``, Keras trainable variables, a JAX pytree's floating leaves — of its
+            ``"params"`` collection only, when it has one), e.g. ``lambda name: "head" in name``.
         check_finite: refuse inputs with NaN or infinite entries (``ValueError``) and kernels
             with a non-finite entry (``FloatingPointError``, naming its index); ``False`` skips
             both checks, as in SciPy.
@@ -141,6 +147,7 @@ def ntk(
         batch_independent=batch_independent,
         check_finite=check_finite,
         output=output,
+        trainable=trainable,
         memory_budget=memory_budget,
         batch_size=batch_size,
         progress=progress,
@@ -163,6 +170,7 @@ def explain(
     batch_independent: bool | None = None,
     check_finite: bool = True,
     output: Any = None,
+    trainable: Any = None,
     memory_budget: float | str | None = None,
 ) -> Explanation:
     """What :func:`ntk` would do with the same arguments, without computing or compiling it.
@@ -182,6 +190,7 @@ def explain(
         batch_independent=batch_independent,
         check_finite=check_finite,
         output=output,
+        trainable=trainable,
         memory_budget=memory_budget,
     )
     return fn.explain(x1, x2)
@@ -199,6 +208,7 @@ def nngp(
     batch_independent: bool | None = None,
     check_finite: bool = True,
     output: Any = None,
+    trainable: Any = None,
     batch_size: int | None = None,
     out: Any = None,
     overwrite: bool = False,
@@ -214,6 +224,7 @@ def nngp(
         batch_independent=batch_independent,
         check_finite=check_finite,
         output=output,
+        trainable=trainable,
         kind="nngp",
         batch_size=batch_size,
         progress=progress,

@@ -11,6 +11,8 @@ import math
 import re
 from typing import Any
 
+import numpy as np
+
 from .outputs import OutputChoiceError, StructuredOutput, leaves
 from .protocol import AutodiffBackend, PreparedModel
 
@@ -34,8 +36,6 @@ def all_finite(backend: AutodiffBackend, x: Any) -> bool:
 
 def first_nonfinite(backend: AutodiffBackend, x: Any) -> tuple[int, ...]:
     """The index of the first entry of ``x`` that is NaN or infinite."""
-    import numpy as np
-
     found = np.argwhere(~np.isfinite(np.asarray(backend.to_numpy(x), dtype=np.float64)))
     return tuple(int(i) for i in found[0]) if len(found) else ()
 
@@ -152,6 +152,13 @@ def _two_examples(backend: AutodiffBackend, x1: Any, x2: Any) -> tuple[Any, Any]
     return None
 
 
+def _host(backend: AutodiffBackend, xp: Any, a: Any) -> Any:
+    """A float64 numpy copy (through float32 for dtypes numpy lacks, such as bfloat16)."""
+    if backend.dtype_name(a) not in ("float32", "float64"):
+        a = xp.astype(a, xp.float32)
+    return np.asarray(backend.to_numpy(a), dtype=np.float64)
+
+
 def check_independent(backend: AutodiffBackend, prepared: PreparedModel, x1: Any, x2: Any) -> None:
     """Refuse a model whose examples interact: f on two examples at once must equal f on each
     alone, to the float tolerance √ε of the output's dtype (one extra forward of two examples)."""
@@ -163,10 +170,11 @@ def check_independent(backend: AutodiffBackend, prepared: PreparedModel, x1: Any
     alone = xp.concat([_call(backend, prepared, "x1", example) for example in pair], axis=0)
     if not all_finite(backend, together):
         return  # nothing to compare; a non-finite kernel is refused when it is computed
-    if all_finite(backend, alone):
-        scale = max(float(xp.max(xp.abs(alone))), float(xp.max(xp.abs(together))))
-        difference = float(xp.max(xp.abs(together - alone)))
-        tolerance = math.sqrt(_EPSILON.get(backend.dtype_name(alone), 2.0**-23))
+    tolerance = math.sqrt(_EPSILON.get(backend.dtype_name(alone), 2.0**-23))
+    together, alone = _host(backend, xp, together), _host(backend, xp, alone)
+    if np.isfinite(alone).all():
+        scale = max(float(np.abs(alone).max()), float(np.abs(together).max()))
+        difference = float(np.abs(together - alone).max())
         if difference <= tolerance * scale + 1e-30:
             return
         how = f"by {difference / max(scale, 1e-300):.3g} (relative)"

@@ -68,10 +68,13 @@ class KernelFn:
         per_layer: bool = False,
         check_finite: bool = True,
         output: Any = None,
+        trainable: Any = None,
     ) -> None:
         _check_options(per_layer, batch_size, executor, batch_independent)
         check_output(output)
-        self._output = output
+        if trainable is not None and not callable(trainable):
+            raise TypeError(f"trainable must be None or a predicate on parameter names, got {trainable!r}")
+        self._output, self._trainable = output, trainable
         if check_finite not in (True, False):
             raise TypeError(f"check_finite must be True or False, got {check_finite!r}")
         self._check_finite = check_finite
@@ -93,7 +96,8 @@ class KernelFn:
     def _prepare(self, arrays: tuple[Any, ...] = ()) -> None:
         if self._backend is None:
             self._backend = detect_backend(self._model, self._params, arrays)
-        prepared = self._backend.prepare(self._model, self._params)
+        extra = {} if self._trainable is None else {"trainable": self._trainable}
+        prepared = self._backend.prepare(self._model, self._params, **extra)
         if self._kind == "ntk" and not prepared.params:
             raise ValueError(
                 "model has no trainable parameters: the NTK is taken with respect to trainable "
@@ -141,9 +145,14 @@ class KernelFn:
         coupled = self._batch_independent is False
         key = (tuple(x1.shape[1:]), backend.dtype_name(x1), x1.shape[0] if coupled else None)
         if key not in self._out_shapes:
-            self._out_shapes[key] = output_shape(backend, prepared, x1, coupled, x2)
+            # the probes run the model compiled (once per model and shape, shared across calls)
+            jitted = compiled.lookup(
+                compiled._COMPILED, ("probe", backend.name, prepared.apply), lambda: backend.jit(prepared.apply)
+            )
+            probing = dataclasses.replace(prepared, apply=jitted)
+            self._out_shapes[key] = output_shape(backend, probing, x1, coupled, x2)
             if self._batch_independent is None:
-                check_independent(backend, prepared, x1, x2)
+                check_independent(backend, probing, x1, x2)
         out_shape = self._out_shapes[key]
         axes = KernelAxes.create(*self._axes_args, (x1.shape[0], *out_shape))
         if x2 is not None and 0 in axes.diagonal and x2.shape[0] != x1.shape[0]:
@@ -180,6 +189,7 @@ class KernelFn:
             "memory_budget": self._memory_budget,
             "check_finite": self._check_finite,
             "output": self._output,
+            "trainable": self._trainable,
         }
 
     def options(self, batch_size: int) -> dict:

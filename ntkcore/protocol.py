@@ -104,7 +104,9 @@ class AutodiffBackend(Protocol):
         """Whether this adapter handles ``model`` (with ``params``) and these input arrays."""
 
     def prepare(self, model: Any, params: Any) -> PreparedModel:
-        """Turn a framework model (and optional params) into a :class:`PreparedModel`."""
+        """Turn a framework model (and optional params) into a :class:`PreparedModel`. Adapters
+        may take ``trainable=`` too (a predicate on parameter names choosing θ); it is passed
+        only when the user gives it."""
 
     def namespace(self, *arrays: Array) -> Any:
         """The array-API namespace for this framework's arrays."""

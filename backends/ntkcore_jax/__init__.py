@@ -48,11 +48,62 @@ def _is_trainable_leaf(leaf: Any) -> bool:
     return hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.inexact)
 
 
+def _is_nnx_module(model: Any) -> bool:
+    nnx = sys.modules.get("flax.nnx")
+    return nnx is not None and isinstance(model, nnx.Module)
+
+
+def _rule(params: Any, trainable: Callable[[str], bool] | None) -> Callable[[tuple, Any], bool]:
+    """Which leaves are θ: ``trainable(name)`` when given; else, in a pytree with a top-level
+    ``"params"`` collection (flax variables: ``batch_stats`` and the like beside it), the
+    floating-point leaves of ``"params"`` only, whatever function receives the pytree; else every
+    floating-point leaf."""
+    if trainable is not None:
+        return lambda path, leaf: _is_trainable_leaf(leaf) and bool(trainable(_path_name(path)))
+    if isinstance(params, Mapping) and "params" in params:
+        return lambda path, leaf: _path_name(path[:1]) == "params" and _is_trainable_leaf(leaf)
+    return lambda path, leaf: _is_trainable_leaf(leaf)
+
+
+_PER_BATCH = ApplyCache()  # one batched call per module object, so that compiled kernels are reused
+
+
+def _prepare_equinox(model: Any, trainable: Callable[[str], bool] | None) -> PreparedModel:
+    eqx = sys.modules["equinox"]
+    dynamic, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def per_batch(tree: Any, x: Any) -> Any:
+        return jax.vmap(eqx.combine(tree, static))(x)
+
+    per_batch = _PER_BATCH.shared(("equinox", id(model)), per_batch, model)
+    apply, flat = _functional(per_batch, dynamic, _rule(None, trainable))
+    return PreparedModel(apply, flat, accepts_integer_inputs=_accepts_integer_inputs(apply, flat), source=model)
+
+
+def _prepare_nnx(model: Any, trainable: Callable[[str], bool] | None) -> PreparedModel:
+    """θ: the ``nnx.Param`` variables (or what ``trainable`` names); BatchNorm statistics, RNG
+    state and other variables are constants."""
+    nnx = sys.modules["flax.nnx"]
+    if trainable is None:
+        graph, state, rest = nnx.split(model, nnx.Param, ...)
+    else:
+        (graph, state), rest = nnx.split(model), None
+
+    def per_batch(tree: Any, x: Any) -> Any:
+        return nnx.merge(graph, tree, *(() if rest is None else (rest,)))(x)
+
+    per_batch = _PER_BATCH.shared(("nnx", id(model), trainable), per_batch, model)
+    apply, flat = _functional(per_batch, state, _rule(None, trainable), strip=".value")
+    return PreparedModel(apply, flat, accepts_integer_inputs=_accepts_integer_inputs(apply, flat), source=model)
+
+
 _IMMUTABLE = (jax.Array, bool, int, float, complex, str, type(None))
 _APPLY_CACHE = ApplyCache()  # so that repeated calls reuse compiled kernels
 
 
-def _functional(model: Any, tree: Any, trainable: Callable[[tuple, Any], bool]) -> tuple[Callable, dict]:
+def _functional(
+    model: Any, tree: Any, trainable: Callable[[tuple, Any], bool], strip: str = ""
+) -> tuple[Callable, dict]:
     """Split ``tree`` into an ordered trainable map and constants; ``apply`` rebuilds it.
 
     The same model with the same structure and the same (immutable) constants gets the same
@@ -61,7 +112,7 @@ def _functional(model: Any, tree: Any, trainable: Callable[[tuple, Any], bool]) 
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     slots = [i for i, (path, leaf) in enumerate(flat) if trainable(path, leaf)]
     _warn_integer_leaves(flat)
-    names = [_path_name(flat[i][0]) for i in slots]
+    names = [_path_name(flat[i][0]).removesuffix(strip) for i in slots]
     params = {name: jnp.asarray(flat[i][1]) for name, i in zip(names, slots)}
     constants = [None if i in slots else leaf for i, (_, leaf) in enumerate(flat)]
     owners = (getattr(model, "__self__", model), getattr(model, "__func__", model))
@@ -137,38 +188,25 @@ class JaxBackend(Adapter):
     arrays_text, model_text = "a JAX or numpy array", "JAX"
 
     def owns(self, model: Any, params: Any, arrays: tuple[Any, ...]) -> bool:
-        if _is_equinox_module(model) or _flax_module(model) is not None:
+        if _is_equinox_module(model) or _is_nnx_module(model) or _flax_module(model) is not None:
             return True
         leaves = jax.tree_util.tree_leaves(params) + list(arrays)
         return any(isinstance(leaf, jax.Array) for leaf in leaves)
 
-    def prepare(self, model: Any, params: Any) -> PreparedModel:
-        if _is_equinox_module(model):
+    def prepare(self, model: Any, params: Any, trainable: Callable[[str], bool] | None = None) -> PreparedModel:
+        """``trainable``: a predicate on parameter names (``"params.Dense_0.kernel"``) choosing the
+        floating-point leaves to differentiate, in place of the default rules."""
+        if _is_nnx_module(model) or _is_equinox_module(model):
             if params is not None:
-                raise TypeError("params= is not used for an equinox module: pass the module itself as model")
-            eqx = sys.modules["equinox"]
-            dynamic, static = eqx.partition(model, eqx.is_inexact_array)
-
-            def per_batch(tree: Any, x: Any) -> Any:
-                return jax.vmap(eqx.combine(tree, static))(x)
-
-            apply, flat = _functional(per_batch, dynamic, lambda path, leaf: _is_trainable_leaf(leaf))
-            return PreparedModel(apply, flat, accepts_integer_inputs=_accepts_integer_inputs(apply, flat), source=model)
+                raise TypeError(
+                    f"params= is not used for a {type(model).__name__} module: pass the module itself as model"
+                )
+            return (_prepare_nnx if _is_nnx_module(model) else _prepare_equinox)(model, trainable)
         if not callable(model):
             raise TypeError(f"model must be a function f(params, x) for the JAX backend, got {type(model).__name__}")
         if params is None:
             raise TypeError("params= is required for a JAX function model f(params, x): pass its parameter pytree")
-        flax = _flax_module(model) is not None or getattr(model, "_ntkcore_flax", False)  # or factorized from one
-        if flax and isinstance(params, Mapping) and "params" in params:
-            # flax variables: only the "params" collection is trainable (batch_stats etc. are state)
-            def trainable(path: tuple, leaf: Any) -> bool:
-                return _path_name(path[:1]) == "params" and _is_trainable_leaf(leaf)
-        else:
-
-            def trainable(path: tuple, leaf: Any) -> bool:
-                return _is_trainable_leaf(leaf)
-
-        apply, flat = _functional(model, params, trainable)
+        apply, flat = _functional(model, params, _rule(params, trainable))
         return PreparedModel(apply, flat, accepts_integer_inputs=_accepts_integer_inputs(apply, flat), source=model)
 
     def namespace(self, *arrays: Any) -> Any:

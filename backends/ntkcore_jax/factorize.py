@@ -117,10 +117,7 @@ def dense_layers(model: Any, params: Any) -> dict[str, tuple[np.ndarray, bool]]:
 
 def _flax(model: Any, params: Any) -> bool:
     """flax variables, where only the "params" collection is trained (the adapter's rule)."""
-    from . import _flax_module
-
-    flax = _flax_module(model) is not None or getattr(model, "_ntkcore_flax", False)
-    return flax and isinstance(params, Mapping) and "params" in params
+    return isinstance(params, Mapping) and "params" in params
 
 
 def factorized(model: Callable, params: Any, factors: Mapping[str, Any]) -> tuple[Callable, Any]:
@@ -160,5 +157,4 @@ def factorized(model: Callable, params: Any, factors: Mapping[str, Any]) -> tupl
         out = _evaluate(closed.jaxpr, closed.consts, [*args, *jax.tree_util.tree_leaves(x)])
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), out)
 
-    apply._ntkcore_flax = _flax(model, params)  # so the adapter still trains the "params" collection only
     return apply, new_params

@@ -99,7 +99,14 @@ def _replacement(name: str, value: Any, ref: Any) -> tf.Tensor:
     return value
 
 
-def _prepare_keras(model: Any, params: Any) -> PreparedModel:
+def _chosen(model: Any, trainable: Callable[[str], bool] | None, name: Callable[[Any], str]) -> list:
+    """θ's variables: the trainable ones, or the floating-point ones ``trainable(name)`` chooses."""
+    if trainable is None:
+        return list(model.trainable_variables)
+    return [v for v in model.variables if tf.as_dtype(v.dtype).is_floating and trainable(name(v))]
+
+
+def _prepare_keras(model: Any, params: Any, trainable: Callable[[str], bool] | None = None) -> PreparedModel:
     keras = _keras()
     if keras.backend.backend() != "tensorflow":
         raise TypeError(
@@ -111,7 +118,7 @@ def _prepare_keras(model: Any, params: Any) -> PreparedModel:
             f"Keras model {model.name!r} is not built, so it has no variables yet: give it a "
             "keras.Input or call it once on a batch before computing its kernel"
         )
-    variables = list(model.trainable_variables)
+    variables = _chosen(model, trainable, lambda v: v.path)
     names = _unique([v.path for v in variables])
     values: dict[str, Any] = {name: v.value for name, v in zip(names, variables)}  # live tf.Variables
     if params is not None:
@@ -139,13 +146,13 @@ def _prepare_keras(model: Any, params: Any) -> PreparedModel:
     return PreparedModel(apply, values, None, lambda x: embedding, source=model)
 
 
-def _prepare_module(model: tf.Module, params: Any) -> PreparedModel:
+def _prepare_module(model: tf.Module, params: Any, trainable: Callable[[str], bool] | None = None) -> PreparedModel:
     if params is not None:
         raise TypeError(
             "params= is not supported for a tf.Module (its variables cannot be substituted); assign the "
             "values to its variables, or pass params=None to use them"
         )
-    variables = list(model.trainable_variables)
+    variables = _chosen(model, trainable, lambda v: v.name.split(":")[0])
     names = _unique([v.name.split(":")[0] for v in variables])
 
     def apply(p: Mapping[str, Any], x: Any) -> Any:
@@ -173,11 +180,11 @@ class TensorFlowBackend(Adapter):
             leaves = []
         return any(isinstance(a, (tf.Tensor, tf.Variable)) or _is_keras_variable(a) for a in [*leaves, *arrays])
 
-    def prepare(self, model: Any, params: Any) -> PreparedModel:
+    def prepare(self, model: Any, params: Any, trainable: Callable[[str], bool] | None = None) -> PreparedModel:
         if _is_keras_layer(model):
-            return _prepare_keras(model, params)
+            return _prepare_keras(model, params, trainable)
         if isinstance(model, tf.Module):
-            return _prepare_module(model, params)
+            return _prepare_module(model, params, trainable)
         raise TypeError(
             f"model must be a Keras 3 model/layer or a tf.Module for the TensorFlow backend, got "
             f"{type(model).__module__}.{type(model).__name__}"

@@ -36,9 +36,11 @@ def _differentiable_kernels() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(enabled)
 
 
-def _trainable(model: nn.Module, params: Any) -> dict[str, torch.Tensor]:
-    """θ: the parameters with ``requires_grad=True``, optionally replaced by ``params`` values."""
-    own = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+def _trainable(model: nn.Module, params: Any, trainable: Callable[[str], bool] | None) -> dict[str, torch.Tensor]:
+    """θ: the parameters with ``requires_grad=True`` (or those ``trainable(name)`` chooses),
+    optionally replaced by ``params`` values."""
+    chosen = (lambda name, p: p.requires_grad) if trainable is None else (lambda name, p: bool(trainable(name)))
+    own = {name: p.detach() for name, p in model.named_parameters() if chosen(name, p)}
     if params is None:
         return own
     if not isinstance(params, Mapping):
@@ -96,13 +98,13 @@ class TorchBackend(Adapter):
     def owns(self, model: Any, params: Any, arrays: tuple[Any, ...]) -> bool:
         return isinstance(model, nn.Module) or any(isinstance(a, torch.Tensor) for a in arrays)
 
-    def prepare(self, model: Any, params: Any) -> PreparedModel:
+    def prepare(self, model: Any, params: Any, trainable: Callable[[str], bool] | None = None) -> PreparedModel:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module for the torch backend, got {type(model).__name__}")
         _refuse_random(model)
         from .capture import attention_modules, plain_attention
 
-        theta = _trainable(model, params)
+        theta = _trainable(model, params, trainable)
         coupling = _batch_coupling(model)
         buffers = dict(model.named_buffers()) if coupling else {}
         attention = attention_modules(model)

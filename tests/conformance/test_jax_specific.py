@@ -186,3 +186,70 @@ def test_factorize_rewrites_every_use_of_the_weight(jax_zoo):
     # the dense products are dense layers of the factors: U and V of a and b take the dense rule
     layers = {layer.name: layer.rule for layer in ntkcore.explain(apply, x, params=new).layers}
     assert all(layers[name].startswith("dense rule") for name in ("a.u", "a.v", "b.u", "b.v")), layers
+
+
+def test_flax_variables_through_any_function_train_params_only(jax_zoo):
+    """A pytree with a top-level "params" collection trains only it, whatever function receives
+    it (a lambda around model.apply included); trainable= chooses otherwise."""
+    import flax.linen as nn
+    import jax
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(2)(nn.BatchNorm(use_running_average=True)(nn.Dense(5)(x)))
+
+    x1, x2 = inputs("mlp")
+    model = Net()
+    variables = model.init(jax.random.PRNGKey(0), x1)
+    assert set(variables) == {"params", "batch_stats"}
+    bound = np.asarray(ntkcore.ntk(model.apply, x1, x2, params=variables))
+    wrapped = np.asarray(ntkcore.ntk(lambda v, x: model.apply(v, x), x1, x2, params=variables))
+    np.testing.assert_allclose(wrapped, bound, rtol=1e-10)
+    with pytest.warns(ntkcore.StructuredFallbackWarning):  # batch statistics have no rule, exactly as they are
+        everything = np.asarray(ntkcore.ntk(lambda v, x: model.apply(v, x), x1, x2, params=variables, trainable=bool))
+    assert not np.allclose(everything, bound)
+
+
+def test_nnx_module_passed_directly(jax_zoo):
+    """θ = the nnx.Param variables; BatchNorm statistics and RNG state are constants."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.dense = nnx.Linear(6, 5, rngs=rngs)
+            self.norm = nnx.BatchNorm(5, use_running_average=True, rngs=rngs)
+            self.out = nnx.Linear(5, 2, rngs=rngs)
+
+        def __call__(self, x):
+            return self.out(jnp.tanh(self.norm(self.dense(x))))
+
+    net = Net(nnx.Rngs(0))
+    x1, x2 = inputs("mlp")
+    graph, params, rest = nnx.split(net, nnx.Param, ...)
+    expected = np.asarray(ntkcore.ntk(lambda p, x: nnx.merge(graph, p, rest)(x), x1, x2, params=params))
+    for implementation in ("jacobian_contraction", "ntk_vector_products", "structured", "auto"):
+        kernel = np.asarray(ntkcore.ntk(net, x1, x2, implementation=implementation))
+        np.testing.assert_allclose(kernel, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())  # float32
+    names = ntkcore.get_backend("jax").prepare(net, None).params
+    assert set(names) == {"dense.kernel", "dense.bias", "norm.scale", "norm.bias", "out.kernel", "out.bias"}
+    with pytest.raises(TypeError, match="params= is not used for a Net module"):
+        ntkcore.ntk(net, x1, params=params)
+    assert jax.tree_util.tree_structure(nnx.split(net)[1]) is not None  # the module itself is left as it was
+
+
+def test_equinox_module_reuses_its_compiled_kernel(jax_zoo):
+    import equinox as eqx
+    import jax
+
+    from ntkcore import compiled
+
+    mlp = eqx.nn.MLP(6, 2, 8, 2, key=jax.random.PRNGKey(0))
+    x1, _ = inputs("mlp")
+    ntkcore.ntk(mlp, x1)
+    before = len(compiled._COMPILED)
+    for _ in range(3):
+        ntkcore.ntk(mlp, x1)
+    assert len(compiled._COMPILED) == before, "a repeated ntk() call on the same module compiled again"

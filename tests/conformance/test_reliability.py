@@ -332,3 +332,17 @@ def test_gd_mse_refuses_a_diverging_step(backend, zoo):
     with pytest.raises(ValueError, match="at or above max_learning_rate"):
         ntkcore.gd_mse(kernel, y, 10.0, learning_rate=2 * largest, discrete=True)
     ntkcore.gd_mse(kernel, y, 10.0, learning_rate=0.5 * largest, discrete=True)
+
+
+# -- which parameters are θ ---------------------------------------------------------------------
+def test_trainable_chooses_the_parameters(backend, zoo):
+    from ntkcore.arrays import layer_name
+
+    built, x1, x2 = _mlp(zoo)
+    layers = ntkcore.ntk(built.model, x1, x2, per_layer=True, **built.kwargs)
+    first = next(iter(layers))
+    kernel = ntkcore.ntk(built.model, x1, x2, trainable=lambda name: layer_name(name) == first, **built.kwargs)
+    expected = zoo.to_numpy(layers[first])
+    np.testing.assert_allclose(zoo.to_numpy(kernel), expected, rtol=1e-10, atol=1e-12 * np.abs(expected).max())
+    with pytest.raises(TypeError, match="trainable must be None or a predicate"):
+        ntkcore.ntk(built.model, x1, trainable="l1", **built.kwargs)
