@@ -15,7 +15,8 @@ and jit ``tf.function``.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -136,14 +137,31 @@ def _prepare_keras(model: Any, params: Any, trainable: Callable[[str], bool] | N
             ),
         )
     kwargs = {"training": False} if getattr(model, "_call_has_training_arg", True) else {}
+    recurrent = [layer for layer in _sublayers(model) if isinstance(layer, keras.layers.RNN)]
 
     def apply(p: Mapping[str, Any], x: Any) -> Any:
         with keras.StatelessScope(state_mapping=[(v, p[name]) for name, v in zip(names, variables)]):
-            return model(x, **kwargs)
+            with _unrolled(recurrent):
+                return model(x, **kwargs)
 
     apply = _shared(apply, model, variables, names)
     embedding = any(isinstance(layer, keras.layers.Embedding) for layer in _sublayers(model))
     return PreparedModel(apply, values, None, lambda x: embedding, source=model)
+
+
+@contextmanager
+def _unrolled(layers: list) -> Iterator[None]:
+    """Recurrent layers run as a Python loop over the time steps: their ``tf.while_loop`` has no
+    vectorisation (pfor) or forward-mode rule for the loop's variant state. Same weights, same
+    cell formula; the time axis must have a static length."""
+    before = [layer.unroll for layer in layers]
+    for layer in layers:
+        layer.unroll = True
+    try:
+        yield
+    finally:
+        for layer, unroll in zip(layers, before):
+            layer.unroll = unroll
 
 
 def _prepare_module(model: tf.Module, params: Any, trainable: Callable[[str], bool] | None = None) -> PreparedModel:

@@ -103,18 +103,19 @@ class TorchBackend(Adapter):
             raise TypeError(f"model must be a torch.nn.Module for the torch backend, got {type(model).__name__}")
         _refuse_random(model)
         from .capture import attention_modules, plain_attention
+        from .recurrent import recurrent_modules, written_out
 
         theta = _trainable(model, params, trainable)
         coupling = _batch_coupling(model)
         buffers = dict(model.named_buffers()) if coupling else {}
-        attention = attention_modules(model)
+        attention, recurrent = attention_modules(model), recurrent_modules(model)
 
         def apply(p: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
             # Train-mode BatchNorm updates its running statistics in place: give it fresh copies,
             # so the kernel has no side effect on the model and the transforms see no mutation
             # of a captured tensor.
             fresh = {name: b.clone() for name, b in buffers.items()}
-            with _differentiable_kernels(), plain_attention(attention):
+            with _differentiable_kernels(), plain_attention(attention), written_out(recurrent):
                 return torch.func.functional_call(model, {**fresh, **p}, (x,))
 
         has_embedding = any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in model.modules())

@@ -26,6 +26,8 @@ from torch.overrides import TorchFunctionMode
 from ntkcore.adapter import CallRecorder, LayerEntry, ParameterAudit, Patches, build_capture, owners_of, patched
 from ntkcore.protocol import Capture, PreparedModel
 
+from . import recurrent
+
 _BATCH_NORM = nn.modules.batchnorm._BatchNorm
 
 
@@ -179,6 +181,13 @@ def _table(model: nn.Module, params: Mapping[str, torch.Tensor]) -> tuple[dict, 
         trainable = {attr: full for attr, full in own.items() if full in params}
         if not trainable:
             continue
+        if type(module) in recurrent.RECURRENT:  # its cells' projections, each a dense layer
+            modules[name] = module
+            for sub, roles in recurrent.sublayers(module).items():
+                table[f"{name}:{sub}"] = LayerEntry(
+                    "dense", {r: trainable[a] for r, a in roles.items() if a in trainable}
+                )
+            continue
         rule = _rule(module)
         if rule is None:
             unsupported.append(f"{name or 'model'} ({type(module).__name__})")
@@ -193,6 +202,11 @@ def _install(patches: Patches, modules: dict, table: dict, recorder: CallRecorde
     """Hooks on every layer with a rule (self-attention: its written-out forward) that record its
     calls and report them to the audit."""
     for name, module in modules.items():
+        if type(module) in recurrent.RECURRENT:
+            patches.set(
+                module, "forward", functools.partial(recurrent.forward, module, _cell_record(name, recorder, audit))
+            )
+            continue
         attention = isinstance(module, nn.MultiheadAttention)
 
         def pre(mod: nn.Module, args: tuple, name: str = name) -> None:
@@ -211,6 +225,20 @@ def _install(patches: Patches, modules: dict, table: dict, recorder: CallRecorde
             patches.set(module, "forward", functools.partial(_self_attention, module, record, refuse))
         patches.handle(module.register_forward_pre_hook(pre))
         patches.handle(module.register_forward_hook(post))
+
+
+def _cell_record(name: str, recorder: CallRecorder, audit: ParameterAudit) -> recurrent.Record:
+    """Records each projection of a recurrent layer's cells as a call of its dense sub-layer."""
+
+    def record(sub: str, x: torch.Tensor, compute: Any) -> torch.Tensor:
+        layer = f"{name}:{sub}"
+        audit.entered(layer)
+        try:
+            return recorder.record(recorder.next_key(layer), x, compute())
+        finally:
+            audit.left()
+
+    return record
 
 
 def capture(prepared: PreparedModel, x: torch.Tensor) -> Capture:

@@ -345,3 +345,30 @@ def object_output() -> Built:
     """float64: inputs (N, 6), output an object whose ``logits`` is (N, 3)."""
     w = jnp.asarray(np.random.default_rng(0).normal(size=(6, 3)), dtype=jnp.float64)
     return Built(lambda p, x: _Record(x @ p["w"]), {"params": {"w": w}})
+
+
+def recurrent_models() -> dict[str, tuple[Built, object]]:
+    """float64 JAX recurrent models (``lax.scan``) on inputs (N, 6 steps, 4), outputs (N, 2), with
+    float64 reference Jacobians from ``jax.jacrev``."""
+    rng = np.random.default_rng(1)
+    params = {
+        "wx": rng.normal(size=(4, 5)) / 2,
+        "wh": rng.normal(size=(5, 5)) / 3,
+        "b": rng.normal(size=(5,)) / 4,
+        "o": rng.normal(size=(5, 2)),
+    }
+    params = {k: jnp.asarray(v, dtype=jnp.float64) for k, v in params.items()}
+
+    def scan_rnn(p, x):
+        def step(h, xt):
+            h = jnp.tanh(xt @ p["wx"] + h @ p["wh"] + p["b"])
+            return h, h
+
+        h, _ = jax.lax.scan(step, jnp.zeros((x.shape[0], 5), dtype=x.dtype), jnp.swapaxes(x, 0, 1))
+        return h @ p["o"]
+
+    def reference(x: np.ndarray) -> dict[str, np.ndarray]:
+        jac = jax.jacrev(lambda p: scan_rnn(p, jnp.asarray(x, dtype=jnp.float64)))(params)
+        return {k: np.asarray(v).reshape(*np.asarray(v).shape[:2], -1) for k, v in jac.items()}
+
+    return {"scan_rnn": (Built(scan_rnn, {"params": params}), reference)}

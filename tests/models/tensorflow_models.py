@@ -320,3 +320,32 @@ def multi_output() -> Built:
 
 
 object_output = None  # a Keras model returns arrays or structures of them only
+
+
+def recurrent_models() -> dict[str, tuple[Built, object]]:
+    """float64 recurrent Keras models on inputs (N, 6 steps, 4), outputs (N, 2), each with its
+    float64 reference Jacobians from a GradientTape over Keras' own (looped) layers."""
+    layers = {
+        "simple_rnn": lambda: keras.layers.SimpleRNN(5, dtype="float64"),
+        "lstm": lambda: keras.layers.LSTM(5, dtype="float64"),
+        "gru": lambda: keras.layers.GRU(5, dtype="float64"),
+        "lstm_sequences": lambda: keras.layers.LSTM(5, return_sequences=True, dtype="float64"),
+    }
+    found = {}
+    for name, make in layers.items():
+        keras.utils.set_random_seed(0)
+        stack = [keras.Input((6, 4), dtype="float64"), make()]
+        if name == "lstm_sequences":
+            stack += [keras.layers.GRU(3, dtype="float64")]
+        model = keras.Sequential([*stack, keras.layers.Dense(2, dtype="float64")])
+
+        def reference(x: np.ndarray, model: keras.Model = model) -> dict[str, np.ndarray]:
+            with tf.GradientTape(persistent=True) as tape:
+                out = model(tf.constant(x), training=False)
+            return {
+                v.path: tf.reshape(tape.jacobian(out, v, experimental_use_pfor=False), (*out.shape, -1)).numpy()
+                for v in model.trainable_variables
+            }
+
+        found[name] = (Built(model), reference)
+    return found

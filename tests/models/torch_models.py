@@ -460,3 +460,47 @@ def object_output() -> Built:
     """float64: inputs (N, 6), output an object whose ``logits`` is (N, 3)."""
     torch.manual_seed(0)
     return Built(_ObjectOutput())
+
+
+class _Recurrent(nn.Module):
+    """A recurrent classifier: the last time step's output through a dense head."""
+
+    def __init__(self, cell: type, **options) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.batch_first = options.get("batch_first", False)
+        self.rnn = cell(4, 5, dtype=torch.float64, **options)
+        width = 5 * (2 if options.get("bidirectional") else 1)
+        self.head = nn.Linear(width, 2, dtype=torch.float64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.rnn(x if self.batch_first else x.transpose(0, 1))[0]
+        return self.head((out if self.batch_first else out.transpose(0, 1))[:, -1])
+
+
+def recurrent_models() -> dict[str, tuple[Built, object]]:
+    """float64 recurrent models on inputs (N, 6 steps, 4), outputs (N, 2), each with its float64
+    reference Jacobians from torch's own autodiff (the fused kernels, no vmap)."""
+    configurations = {
+        "rnn": (nn.RNN, {"batch_first": True}),
+        "lstm": (nn.LSTM, {"batch_first": True}),
+        "gru": (nn.GRU, {"batch_first": True}),
+        "lstm_stacked_bidirectional_seq_first": (nn.LSTM, {"num_layers": 2, "bidirectional": True}),
+        "gru_bidirectional": (nn.GRU, {"batch_first": True, "bidirectional": True}),
+        "rnn_relu_stacked": (nn.RNN, {"batch_first": True, "num_layers": 2, "nonlinearity": "relu"}),
+    }
+    found = {}
+    for name, (cell, options) in configurations.items():
+        model = _Recurrent(cell, **options).eval()
+
+        def reference(x: np.ndarray, model: nn.Module = model) -> dict[str, np.ndarray]:
+            names = [n for n, _ in model.named_parameters()]
+            values = tuple(p.detach() for _, p in model.named_parameters())
+            xt = torch.as_tensor(x, dtype=torch.float64)
+            jac = torch.autograd.functional.jacobian(
+                lambda *v: torch.func.functional_call(model, dict(zip(names, v)), (xt,)), values
+            )
+            return {n: j.reshape(*j.shape[:2], -1).numpy() for n, j in zip(names, jac)}
+
+        found[name] = (Built(model), reference)
+    return found
