@@ -141,11 +141,13 @@ class ApplyCache:
 
 @dataclass(frozen=True)
 class LayerEntry:
-    """A layer with a rule: its kind, role -> parameter name (trainable only), feature axis."""
+    """A layer with a rule: its kind, role -> parameter name (trainable only), feature axis, and
+    whether its parameters are laid out as the rule's per-example gradients (``LayerUse.native_layout``)."""
 
     kind: str
     roles: Mapping[str, str]
     feature_axis: int = -1
+    native: bool = True
 
 
 class CallRecorder:
@@ -257,5 +259,6 @@ def build_capture(
     for key in shapes:
         layer = key.rpartition("#")[0]
         entry = table[layer]
-        uses.append(LayerUse(key, layer, entry.kind, entry.roles, entry.feature_axis, native_layout=native_layout))
+        native = native_layout and entry.native
+        uses.append(LayerUse(key, layer, entry.kind, entry.roles, entry.feature_axis, native_layout=native))
     return Capture(tuple(uses), apply_probed, dict(shapes), unsupported, dict(excluded or {}), framework_gradients)

@@ -46,9 +46,10 @@ def _rule(module: nn.Module) -> tuple[str, dict[str, str], int] | None:
             return "dense", {"weight": "in_proj_weight", "bias": "in_proj_bias"}, -1
     if any(_is(module, conv) for conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d)):  # differentiated by torch
         return "conv", {"weight": "weight", "bias": "bias"}, 1
-    if _is(module, nn.Embedding) and module.padding_idx is None and module.max_norm is None:
-        if not module.scale_grad_by_freq:
-            return "embedding", {"table": "weight"}, -1
+    if _is(module, nn.Embedding) and module.max_norm is None and not module.scale_grad_by_freq:
+        return "embedding", {"table": "weight"}, -1  # padding rows: ids -1, no gradient (_structured_input)
+    if _is_hf_conv1d(module):  # transformers' Conv1D (GPT-2): a dense layer with its weight laid out (in, out)
+        return "dense", {"weight": "weight", "bias": "bias"}, -1
     if _is(module, nn.LayerNorm) and len(module.normalized_shape) == 1 and module.elementwise_affine:
         return "affine", {"scale": "weight", "shift": "bias"}, -1
     if _is(module, nn.RMSNorm) and len(module.normalized_shape) == 1 and module.elementwise_affine:
@@ -60,9 +61,23 @@ def _rule(module: nn.Module) -> tuple[str, dict[str, str], int] | None:
     return None
 
 
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D``: y = x·W + b with W (in, out) (``pytorch_utils.Conv1D``)."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.") and hasattr(module, "nf")
+
+
+def _native(module: nn.Module) -> bool:
+    """Whether the rule's per-example gradients have the parameters' own layout (dense (out, in))."""
+    return not _is_hf_conv1d(module)
+
+
 def _structured_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """What the rule multiplies by: the input, or the normalised input x̂ (for a convolution
-    nothing: torch's own convolution backward gives its per-example gradients)."""
+    nothing: torch's own convolution backward gives its per-example gradients); an embedding's
+    ids, with the padding row's as -1 (it gets no gradient)."""
+    if isinstance(module, nn.Embedding):
+        return x if module.padding_idx is None else torch.where(x == module.padding_idx, -1, x)
     if isinstance(module, nn.LayerNorm):
         return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
     if isinstance(module, nn.RMSNorm):
@@ -127,6 +142,17 @@ def _self_attention(
     return out, weights if batched else weights.squeeze(0)
 
 
+# properties whose reading uses none of a tensor's values
+_METADATA_PROPERTIES = {"dtype", "shape", "device", "ndim", "requires_grad", "is_leaf", "layout", "is_cuda"}
+
+
+def _reads_metadata(func: Any) -> bool:
+    name = getattr(func, "__name__", None)
+    if name == "__get__":
+        return getattr(getattr(func, "__self__", None), "__name__", None) in _METADATA_PROPERTIES
+    return name in ("size", "dim", "numel", "element_size")
+
+
 class _Audit(TorchFunctionMode):
     """Reports every use of a trainable parameter (by tensor identity) to the audit."""
 
@@ -135,6 +161,8 @@ class _Audit(TorchFunctionMode):
         self.audit, self.names = audit, names
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        if _reads_metadata(func):  # reading a parameter's dtype or shape uses none of its values
+            return func(*args, **(kwargs or {}))
         for value in [*args, *(kwargs or {}).values()]:
             for tensor in value if isinstance(value, (list, tuple)) else (value,):
                 name = self.names.get(id(tensor)) if isinstance(tensor, torch.Tensor) else None
@@ -194,7 +222,9 @@ def _table(model: nn.Module, params: Mapping[str, torch.Tensor]) -> tuple[dict, 
             continue
         kind, roles, axis = rule
         modules[name] = module
-        table[name] = LayerEntry(kind, {r: trainable[a] for r, a in roles.items() if a in trainable}, axis)
+        table[name] = LayerEntry(
+            kind, {r: trainable[a] for r, a in roles.items() if a in trainable}, axis, _native(module)
+        )
     return modules, table, unsupported
 
 

@@ -1,6 +1,7 @@
-"""Embeddings y_s = E[id_s]: Θ = Σ_{s,t} [id1_s = id2_t] (g1_s·g2_t). The structured input is the
-integer ids; a table tied to an output projection is summed from both kinds' per-example
-gradients (both in the table's (vocabulary, F) layout)."""
+"""Embeddings y_s = E[id_s]: Θ = Σ_{s,t} [id1_s = id2_t ≥ 0] (g1_s·g2_t). The structured input is
+the integer ids; an id of -1 marks a row without gradient (a padding row), matching nothing. A
+table tied to an output projection is summed from both kinds' per-example gradients (both in the
+table's (vocabulary, F) layout)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from .pairwise import pair_weights, pairwise
 
 
 def kernel(xp: Any, ids1: Any, g1: Any, ids2: Any, g2: Any, axes: KernelAxes, roles: set[str]) -> Any:
-    """``ids`` (N, S) integers, ``g`` (N, *out, S, F)."""
+    """``ids`` (N, S) integers (-1: no gradient), ``g`` (N, *out, S, F)."""
+    ids2 = xp.where(ids2 < 0, ids2 * 0 - 2, ids2)  # -1 (no gradient) on one side never equals -2 on the other
     return pairwise(xp, g1, g2, pair_weights(xp, ids1, ids2, axes, equal=True, dtype=g1.dtype), axes)
 
 

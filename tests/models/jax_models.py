@@ -372,3 +372,6 @@ def recurrent_models() -> dict[str, tuple[Built, object]]:
         return {k: np.asarray(v).reshape(*np.asarray(v).shape[:2], -1) for k, v in jac.items()}
 
     return {"scan_rnn": (Built(scan_rnn, {"params": params}), reference)}
+
+
+transformers_models = None  # the transformers zoo is torch's

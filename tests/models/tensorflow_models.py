@@ -349,3 +349,6 @@ def recurrent_models() -> dict[str, tuple[Built, object]]:
 
         found[name] = (Built(model), reference)
     return found
+
+
+transformers_models = None  # the transformers zoo is torch's

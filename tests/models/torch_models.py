@@ -504,3 +504,51 @@ def recurrent_models() -> dict[str, tuple[Built, object]]:
 
         found[name] = (Built(model), reference)
     return found
+
+
+def transformers_models() -> dict[str, tuple[Built, np.ndarray, object, list[str]]]:
+    """Tiny float64 GPT-2, BERT and ViT from transformers configs (random weights), as users call
+    them: ``(model with output=, inputs, reference Jacobians, parameters that fall back)``."""
+    import transformers as hf
+
+    torch.manual_seed(0)
+    ids = np.random.default_rng(0).integers(1, 50, size=(3, 6))
+    ids[:, -1] = 0  # BERT's padding id: a row without gradient
+    images = np.random.default_rng(1).normal(size=(2, 3, 8, 8))
+    small = {"num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64, "hidden_size": 32}
+    cases = {
+        "gpt2": (
+            hf.GPT2LMHeadModel(hf.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50, n_positions=16)),
+            lambda out: out.logits[:, -1],
+            ids,
+            [],
+        ),
+        "bert": (
+            hf.BertModel(hf.BertConfig(vocab_size=50, max_position_embeddings=16, **small)),
+            lambda out: out.last_hidden_state[:, 0],
+            ids,
+            [],
+        ),
+        "vit": (
+            hf.ViTModel(hf.ViTConfig(image_size=8, patch_size=4, num_channels=3, **small)),
+            lambda out: out.last_hidden_state[:, 0],
+            images,
+            ["embeddings.cls_token", "embeddings.position_embeddings"],  # added to the tokens: no rule yet
+        ),
+    }
+    found = {}
+    for name, (model, output, x, fallback) in cases.items():
+        model = model.to(torch.float64).eval()
+        model.config._attn_implementation = "eager"
+
+        def reference(x: np.ndarray, model: nn.Module = model, output: object = output) -> dict[str, np.ndarray]:
+            names = [n for n, p in model.named_parameters() if p.requires_grad]
+            values = tuple(dict(model.named_parameters())[n].detach() for n in names)
+            xt = torch.as_tensor(x)
+            jac = torch.autograd.functional.jacobian(
+                lambda *v: output(torch.func.functional_call(model, dict(zip(names, v)), (xt,))), values
+            )
+            return {n: j.reshape(*j.shape[:2], -1).numpy() for n, j in zip(names, jac)}
+
+        found[name] = (Built(model, {"output": output}), x, reference, fallback)
+    return found
