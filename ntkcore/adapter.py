@@ -66,6 +66,24 @@ class Adapter:
         """``x`` as a native array on ``like``'s device, in ``like``'s dtype when ``cast``."""
         raise NotImplementedError
 
+    def replacement(self, name: str, value: Any, own: Any, what: str = "parameter") -> Any:
+        """A ``params=`` value for parameter ``name``: of ``own``'s shape exactly; a native array
+        of its dtype, or numpy data (converted to it)."""
+        if isinstance(value, self.native):
+            if self.dtype_name(value) != self.dtype_name(own):
+                raise TypeError(
+                    f"params[{name!r}] has dtype {self.dtype_name(value)}, but the {what} is {self.dtype_name(own)}"
+                )
+        elif isinstance(value, (*self.numpy_like, float, int)):
+            value = self.from_numpy(np.asarray(value), own, cast=True)
+        else:
+            raise TypeError(
+                f"params[{name!r}] must be {self.arrays_text}, got {type(value).__module__}.{type(value).__name__}"
+            )
+        if tuple(value.shape) != tuple(own.shape):
+            raise ValueError(f"params[{name!r}] has shape {tuple(value.shape)}, but the {what} has {tuple(own.shape)}")
+        return value
+
     def cast(self, x: Any, like: Any) -> Any:
         """A native ``x`` in ``like``'s dtype (and on its device)."""
         raise NotImplementedError

@@ -81,23 +81,9 @@ def _shared(apply: Callable, model: Any, variables: list, names: list[str]) -> C
     return _APPLY_CACHE.shared((id(model), tuple(map(id, variables)), tuple(names)), apply, model, variables)
 
 
-def _replacement(name: str, value: Any, ref: Any) -> tf.Tensor:
-    """A replacement value for trainable variable ``ref``, checked and in its dtype."""
-    dtype = tf.as_dtype(ref.dtype)
-    if isinstance(value, (tf.Tensor, tf.Variable)) or _is_keras_variable(value):
-        value = tf.convert_to_tensor(value)
-        if value.dtype != dtype:
-            raise TypeError(f"params[{name!r}] has dtype {value.dtype.name}, but the variable is {dtype.name}")
-    elif isinstance(value, _NUMPY_LIKE):
-        value = tf.constant(np.asarray(value), dtype=dtype)
-    else:
-        raise TypeError(
-            f"params[{name!r}] must be a TensorFlow tensor or a numpy array, "
-            f"got {type(value).__module__}.{type(value).__name__}"
-        )
-    if tuple(value.shape) != tuple(ref.shape):
-        raise ValueError(f"params[{name!r}] has shape {tuple(value.shape)}, but the variable has {tuple(ref.shape)}")
-    return value
+def _as_tensor(value: Any) -> Any:
+    """A variable's value as a tensor; anything else as it is."""
+    return tf.convert_to_tensor(value) if isinstance(value, tf.Variable) or _is_keras_variable(value) else value
 
 
 def _chosen(model: Any, trainable: Callable[[str], bool] | None, name: Callable[[Any], str]) -> list:
@@ -107,7 +93,9 @@ def _chosen(model: Any, trainable: Callable[[str], bool] | None, name: Callable[
     return [v for v in model.variables if tf.as_dtype(v.dtype).is_floating and trainable(name(v))]
 
 
-def _prepare_keras(model: Any, params: Any, trainable: Callable[[str], bool] | None = None) -> PreparedModel:
+def _prepare_keras(
+    adapter: Any, model: Any, params: Any, trainable: Callable[[str], bool] | None = None
+) -> PreparedModel:
     keras = _keras()
     if keras.backend.backend() != "tensorflow":
         raise TypeError(
@@ -131,7 +119,7 @@ def _prepare_keras(model: Any, params: Any, trainable: Callable[[str], bool] | N
         values = replaced_params(
             values,
             params,
-            _replacement,
+            lambda name, value, own: adapter.replacement(name, _as_tensor(value), own, "variable"),
             lambda unknown: (
                 f"params= names {unknown} are not trainable variables of the model; expected some of {names}"
             ),
@@ -200,7 +188,7 @@ class TensorFlowBackend(Adapter):
 
     def prepare(self, model: Any, params: Any, trainable: Callable[[str], bool] | None = None) -> PreparedModel:
         if _is_keras_layer(model):
-            return _prepare_keras(model, params, trainable)
+            return _prepare_keras(self, model, params, trainable)
         if isinstance(model, tf.Module):
             return _prepare_module(model, params, trainable)
         raise TypeError(

@@ -36,7 +36,9 @@ def _differentiable_kernels() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(enabled)
 
 
-def _trainable(model: nn.Module, params: Any, trainable: Callable[[str], bool] | None) -> dict[str, torch.Tensor]:
+def _trainable(
+    model: nn.Module, params: Any, trainable: Callable[[str], bool] | None, replacement: Callable
+) -> dict[str, torch.Tensor]:
     """θ: the parameters with ``requires_grad=True`` (or those ``trainable(name)`` chooses),
     optionally replaced by ``params`` values."""
     chosen = (lambda name, p: p.requires_grad) if trainable is None else (lambda name, p: bool(trainable(name)))
@@ -48,27 +50,9 @@ def _trainable(model: nn.Module, params: Any, trainable: Callable[[str], bool] |
     return replaced_params(
         own,
         params,
-        _replacement,
+        lambda name, value, own: replacement(name, value, own).detach().to(own.device),
         lambda unknown: f"params= names {unknown} that are not trainable parameters of the model; known: {list(own)}",
     )
-
-
-def _replacement(name: str, value: Any, own: torch.Tensor) -> torch.Tensor:
-    """A replacement value for parameter ``name``: its shape exactly; a tensor in its dtype
-    (numpy data is converted to it), on its device."""
-    if isinstance(value, torch.Tensor):
-        if value.dtype != own.dtype:
-            raise TypeError(f"params[{name!r}] has dtype {value.dtype}, but the parameter is {own.dtype}")
-    elif isinstance(value, (np.ndarray, np.generic, list, tuple, float, int)):
-        value = torch.as_tensor(np.asarray(value), dtype=own.dtype)
-    else:
-        raise TypeError(
-            f"params[{name!r}] must be a torch tensor or a numpy array, "
-            f"got {type(value).__module__}.{type(value).__name__}"
-        )
-    if tuple(value.shape) != tuple(own.shape):
-        raise ValueError(f"params[{name!r}] has shape {tuple(value.shape)}, but the parameter has {tuple(own.shape)}")
-    return value.detach().to(own.device)
 
 
 def _batch_coupling(model: nn.Module) -> str | None:
@@ -105,7 +89,7 @@ class TorchBackend(Adapter):
         from .capture import attention_modules, plain_attention
         from .recurrent import recurrent_modules, written_out
 
-        theta = _trainable(model, params, trainable)
+        theta = _trainable(model, params, trainable, self.replacement)
         coupling = _batch_coupling(model)
         buffers = dict(model.named_buffers()) if coupling else {}
         attention, recurrent = attention_modules(model), recurrent_modules(model)

@@ -406,7 +406,7 @@ def bad_params() -> list[tuple[Built, type, str]]:
         (
             Built(model, {"params": {"0.bias": torch.ones(8, dtype=torch.float32)}}),
             TypeError,
-            r"params\['0\.bias'\] has dtype torch\.float32",
+            r"params\['0\.bias'\] has dtype float32, but the parameter is float64",
         ),
         (
             Built(model, {"params": {"l9.bias": torch.ones(8, dtype=torch.float64)}}),
