@@ -11,10 +11,11 @@ from .factorize import factorize
 from .implementations import Implementation
 from .implementations.structured import StructuredFallbackWarning
 from .inputs import BatchCouplingError, ModelCallError
-from .kernel_fn import AutoFallbackWarning, KernelFn
+from .kernel_fn import KernelFn
 from .linearized import Linearized, linearize
 from .operators import NTKOperator, ntk_operator
 from .outputs import OutputChoiceError
+from .planner import AutoFallbackWarning
 from .predict import Prediction, alignment, drift, gd_mse, kernel_drift, kernel_regression, max_learning_rate
 from .protocol import AutodiffBackend, PreparedModel
 from .registry import get_backend, installed_backends, known_backends

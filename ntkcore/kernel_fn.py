@@ -9,21 +9,17 @@ import warnings
 from typing import Any
 
 from . import compiled, large_n, memory
-from .arrays import device_of, itemsize
+from .arrays import itemsize
 from .axes import KernelAxes
-from .cost_model import Estimate, constants, device_class, estimate, model_shape
-from .explain import Explanation, MemoryBudgetError, budget_message, choose, describe_layers, format_bytes
+from .cost_model import Estimate
+from .explain import Explanation, MemoryBudgetError
 from .implementations import REGISTRY, Implementation, KernelCall, Method
-from .implementations.structured import StructuredFallbackWarning, plan
+from .implementations.structured import StructuredFallbackWarning
 from .inputs import all_finite, check_independent, check_pair, first_nonfinite, output_shape
 from .outputs import StructuredOutput, check_output, rebuild, selected_apply
-from .protocol import AutodiffBackend, Capture, PreparedModel
+from .planner import Planner
+from .protocol import AutodiffBackend, PreparedModel
 from .registry import detect_backend, get_backend
-
-
-class AutoFallbackWarning(UserWarning):
-    """An implementation ``auto`` chose raised on this model; the next best is used instead."""
-
 
 Resolved = tuple[Any, Any, tuple[int, ...], KernelAxes]  # x1, x2, per-example output shape, axes
 
@@ -113,6 +109,7 @@ class KernelFn:
         if self._output is not None:
             prepared = dataclasses.replace(prepared, apply=selected_apply(prepared.apply, self._output))
         self._prepared = prepared
+        self._planner = Planner(self._backend, prepared, self._batch_independent, self._memory_budget)
 
     # -- the interface of the tiled path and the operators ----------------------------------
     @property
@@ -164,16 +161,17 @@ class KernelFn:
 
     def budget(self) -> tuple[float | None, str]:
         """The memory budget in bytes (``None``: unknown, no limit) and where it comes from."""
-        if self._memory_budget is not None:
-            return self._memory_budget, "memory_budget="
-        budget = memory.default_budget(self._backend, next(iter(self._prepared.params.values())))
-        if budget is None:
-            return None, "free memory unknown on this device: no limit"
-        return budget, f"{memory.BUDGET_FRACTION:.0%} of the free memory"
+        return self._planner.budget()
 
     def estimates(self, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes) -> dict[str, Estimate]:
         """Every candidate implementation's predicted cost on these (checked) inputs."""
-        return self._estimates(x1, x2, out_shape, axes)[0]
+        return self._planner.survey(x1, x2, out_shape, axes)[0]
+
+    def explain(self, x1: Any, x2: Any = None) -> Explanation:
+        """What a call on these inputs would do, predicted with nothing computed or compiled:
+        FLOPs, peak bytes and time of every implementation, the choice, each layer's rule."""
+        x1, x2, out_shape, axes = self.resolve(x1, x2)
+        return self._planner.explain(x1, x2, out_shape, axes, self._implementation)
 
     def spec(self) -> dict:
         """The arguments that rebuild this kernel function in another process (a Dask worker)."""
@@ -252,7 +250,7 @@ class KernelFn:
         if self._kind == "nngp" or self._implementation is not Implementation.AUTO:
             return True
         try:
-            self._auto_choice(x1, x2, out_shape, axes)
+            self._planner.auto_choice(x1, x2, out_shape, axes)
         except MemoryBudgetError:
             return False
         return True
@@ -263,9 +261,9 @@ class KernelFn:
             return None
         name = self._implementation.value
         if self._implementation is Implementation.AUTO:
-            name = self._auto_choice(x1, x2, out_shape, axes)
+            name = self._planner.auto_choice(x1, x2, out_shape, axes)
         else:
-            self._check_budget(name, x1, x2, out_shape, axes)
+            self._planner.check_budget(name, x1, x2, out_shape, axes)
         method = REGISTRY[name]
         if self._batch_independent is False and not method.batch_coupled:
             warnings.warn(
@@ -289,66 +287,19 @@ class KernelFn:
             except Exception as error:
                 if self._implementation is not Implementation.AUTO or method is None:
                     raise
-                self._exclude(method, x1, error)
+                self._planner.exclude(method, x1, error)
         if self._check_finite:
             for layer, part in result.items() if self._per_layer else [(None, result)]:
                 self._check_result(part, layer, method)
         return result
 
     def _run(self, method: Method | None, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes) -> Any:
-        capture = self._capture(x1, warn=True) if method is not None and method.uses_capture else None
+        capture = self._planner.capture(x1, warn=True) if method is not None and method.uses_capture else None
         call = KernelCall(
             self._backend, self._prepared.apply, axes, out_shape, self._batch_independent is False, capture
         )
         kernel = compiled.compiled_kernel(call, method, reuse=x2 is None, per_layer=self._per_layer)
         return kernel(self._prepared.params, x1) if x2 is None else kernel(self._prepared.params, x1, x2)
-
-    def _failed_key(self, x1: Any) -> tuple:
-        """The model (its source object: torch makes a new ``apply`` per call) and input shape."""
-        backend, prepared = self._backend, self._prepared
-        model = prepared.apply if prepared.source is None else prepared.source
-        try:
-            hash(model)
-        except TypeError:  # an equinox module hashes its arrays
-            model = ("id", id(model))
-        return (backend.name, model, tuple(x1.shape[1:]), backend.dtype_name(x1), self._batch_independent)
-
-    def _failed(self, x1: Any) -> dict[str, str]:
-        """Implementations that raised on this model and input shape -> their error."""
-        return compiled._FAILED.get(self._failed_key(x1), {})
-
-    def _exclude(self, method: Method, x1: Any, error: Exception) -> None:
-        reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
-        failed = compiled.lookup(compiled._FAILED, self._failed_key(x1), dict)
-        failed[method.name] = reason
-        warnings.warn(
-            f'implementation="{method.name}" cannot run on this model ({reason}); "auto" uses the next best',
-            AutoFallbackWarning,
-            stacklevel=4,
-        )
-
-    def _check_budget(self, name: str, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes) -> None:
-        """An explicit implementation predicted to exceed the memory budget is refused: the
-        operating system would kill the process."""
-        budget, source = self.budget()
-        if budget is None or self._kind != "ntk":
-            return
-        backend = self._backend
-        key = (
-            "peak", name, backend.name, self._prepared.apply, tuple(x1.shape), None if x2 is None else tuple(x2.shape),
-            backend.dtype_name(x1), out_shape, axes, self._batch_independent,
-        )  # fmt: skip
-        found = compiled.lookup(compiled._CHOICES, key, lambda: self.estimates(x1, x2, out_shape, axes).get(name))
-        if found is None or found.peak_bytes <= budget:
-            return
-        shape = self._kernel_shape(x1, x2, out_shape, axes)
-        raise MemoryBudgetError(
-            f"implementation={name!r} is predicted to need {format_bytes(found.peak_bytes)} at its peak for a kernel "
-            f"of shape {shape}, more than the memory budget of {format_bytes(budget)} ({source}); the operating "
-            'system would kill the process. implementation="auto" chooses one that fits (or tiles the kernel); '
-            "batch_size= computes the kernel tile by tile, out='kernel.zarr' writes it to disk; trace_axes=(-1,) "
-            "sums over the output axis; or raise memory_budget= if the prediction is too cautious"
-        )
 
     def _check_result(self, kernel: Any, layer: str | None, method: Method | None) -> None:
         """A non-finite entry computed from finite inputs is an error, never a result."""
@@ -361,111 +312,3 @@ class KernelFn:
             f"{how} from finite inputs: the model's outputs or derivatives overflow or are undefined there "
             "(check the parameters' scale and dtype; float64 may help). check_finite=False returns it as it is"
         )
-
-    # -- auto and explain --------------------------------------------------------------------
-    def explain(self, x1: Any, x2: Any = None) -> Explanation:
-        """What a call on these inputs would do, predicted with nothing computed or compiled:
-        FLOPs, peak bytes and time of every implementation, the choice, each layer's rule."""
-        x1, x2, out_shape, axes = self.resolve(x1, x2)
-        estimates, shape, device, unavailable = self._estimates(x1, x2, out_shape, axes)
-        budget, budget_source = self.budget()
-        auto = self._implementation is Implementation.AUTO
-        n2 = None if x2 is None else x2.shape[0]
-        return Explanation(
-            backend=self._backend.name,
-            device=device,
-            dtype=self._backend.dtype_name(x1),
-            n1=x1.shape[0],
-            n2=n2,
-            out_shape=out_shape,
-            kernel_shape=self._kernel_shape(x1, x2, out_shape, axes),
-            choice=choose(estimates, budget) if auto else self._implementation.value,
-            estimates=estimates,
-            budget_bytes=budget,
-            budget_source=budget_source,
-            layers=describe_layers(shape, x1.shape[0], n2, out_shape, axes),
-            structured_unavailable=unavailable,
-            failed=dict(self._failed(x1)),
-        )
-
-    def _estimates(self, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes) -> tuple:
-        """(every candidate's estimate, the model's sizes, the device class, why the methods
-        that use the layer capture are not candidates — ``None`` when they are)."""
-        backend, prepared = self._backend, self._prepared
-        like = next(iter(prepared.params.values()))
-        capture = layers = None
-        unavailable = "examples interact (batch_independent=False)" if self._batch_independent is False else None
-        if unavailable is None:
-            try:
-                capture = self._capture(x1, warn=False)
-                layers = plan(capture, prepared.params)
-            except Exception as error:  # auto must not fail because one method cannot run
-                capture, unavailable = None, f"the adapter cannot capture this model's layers: {error}"
-        shape = model_shape(capture, prepared.params, layers)
-        device = device_class(device_of(like))
-        table, size = constants(backend.name, device), itemsize(backend.dtype_name(like))
-        n2 = None if x2 is None else x2.shape[0]
-        failed = self._failed(x1)
-        candidates = [
-            name for name, m in REGISTRY.items() if (not m.uses_capture or capture is not None) and name not in failed
-        ]
-        estimates = {m: estimate(shape, m, x1.shape[0], n2, out_shape, axes, size, table) for m in candidates}
-        return estimates, shape, device, unavailable
-
-    def _auto_choice(self, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes) -> str:
-        """The cheapest predicted implementation that fits the budget, cached per shapes."""
-        backend = self._backend
-        key = (
-            backend.name, self._prepared.apply, tuple(x1.shape), None if x2 is None else tuple(x2.shape),
-            backend.dtype_name(x1), out_shape, axes, self._batch_independent, self._memory_budget,
-            tuple(self._failed(x1)),
-        )  # fmt: skip
-        return compiled.lookup(compiled._CHOICES, key, lambda: self._choose(x1, x2, out_shape, axes))
-
-    def _choose(self, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes) -> str:
-        estimates = self.estimates(x1, x2, out_shape, axes)
-        if not estimates and self._failed(x1):
-            reasons = "; ".join(f"{name}: {why}" for name, why in self._failed(x1).items())
-            raise RuntimeError(f"no implementation can run on this model: {reasons}")
-        budget, source = self.budget()
-        choice = choose(estimates, budget)
-        if choice is None:
-            shape = self._kernel_shape(x1, x2, out_shape, axes)
-            raise MemoryBudgetError(budget_message(estimates, budget, source, shape))
-        return choice
-
-    @staticmethod
-    def _kernel_shape(x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes) -> tuple[int, ...]:
-        return axes.kernel_shape((x1.shape[0], *out_shape), ((x1 if x2 is None else x2).shape[0], *out_shape))
-
-    def _capture(self, x1: Any, *, warn: bool) -> Capture:
-        """The adapter's layer capture for this model and input shape; with ``warn``, warns once
-        about the parameters that take the exact fallback.
-
-        Shared across calls through the identity of ``apply`` (like compiled kernels), so that
-        repeated ``ntk()`` calls reuse both the capture and the kernel compiled with it.
-        """
-        backend = self._backend
-        key = (backend.name, self._prepared.apply, tuple(x1.shape[1:]), backend.dtype_name(x1))
-        entry = compiled.lookup(compiled._CAPTURES, key, lambda: [self._new_capture(x1), False])
-        if warn and not entry[1]:
-            entry[1] = True  # warned
-            _, _, fallback, reasons = plan(entry[0], self._prepared.params)
-            if fallback:
-                warnings.warn(
-                    f"structured derivatives: {'; '.join(reasons) or 'uncaptured parameters'}. Parameters "
-                    f"{fallback} use the exact per-layer Jacobian contraction instead",
-                    StructuredFallbackWarning,
-                    stacklevel=4,
-                )
-        return entry[0]
-
-    def _new_capture(self, x1: Any) -> Capture:
-        try:
-            return self._backend.capture(self._prepared, x1[:1])
-        except NotImplementedError as error:
-            needs = " / ".join(f'implementation="{name}"' for name, m in REGISTRY.items() if m.uses_capture)
-            others = ", ".join(f'"{name}"' for name, m in REGISTRY.items() if not m.uses_capture)
-            raise NotImplementedError(
-                f'{needs} is not available for the {self._backend.name} backend yet ({error}); use {others} or "auto"'
-            ) from None
