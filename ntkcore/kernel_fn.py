@@ -38,6 +38,25 @@ def _check_options(per_layer: Any, batch_size: Any, executor: Any, batch_indepen
         raise TypeError(f"batch_independent must be None, True or False, got {batch_independent!r}")
 
 
+def _probe(backend: AutodiffBackend, apply: Any) -> Any:
+    """``apply`` compiled for the input probes (once per model and shape, shared across calls);
+    where compiling fails (an output object, an error in the model), ``apply`` itself runs, so
+    the probe sees what the model really returns or raises."""
+
+    def make() -> Any:
+        jitted = backend.jit(apply)
+
+        def probe(params: Any, x: Any) -> Any:
+            try:
+                return jitted(params, x)
+            except Exception:
+                return apply(params, x)
+
+        return probe
+
+    return compiled.lookup(compiled._COMPILED, ("probe", backend.name, apply), make)
+
+
 class KernelFn:
     """A reusable ``kernel(x1, x2=None)`` for one model; see :func:`ntkcore.ntk_fn`.
 
@@ -142,11 +161,7 @@ class KernelFn:
         coupled = self._batch_independent is False
         key = (tuple(x1.shape[1:]), backend.dtype_name(x1), x1.shape[0] if coupled else None)
         if key not in self._out_shapes:
-            # the probes run the model compiled (once per model and shape, shared across calls)
-            jitted = compiled.lookup(
-                compiled._COMPILED, ("probe", backend.name, prepared.apply), lambda: backend.jit(prepared.apply)
-            )
-            probing = dataclasses.replace(prepared, apply=jitted)
+            probing = dataclasses.replace(prepared, apply=_probe(backend, prepared.apply))
             self._out_shapes[key] = output_shape(backend, probing, x1, coupled, x2)
             if self._batch_independent is None:
                 check_independent(backend, probing, x1, x2)
