@@ -72,13 +72,9 @@ class Method:
     ) -> dict[str, Any]:
         """Layer name -> the layer's contribution J1_l·J2_lᵀ (``layers``: layer -> parameter
         names). By default one kernel per layer, differentiating that layer's parameters only."""
-        parts = {}
-        for layer, names in layers.items():
-            own = {n: params[n] for n in names}
-            restricted = lambda p, x: call.apply({**params, **p}, x)  # noqa: E731 - the other layers held fixed
-            parts[layer] = self.kernel(KernelCall(call.backend, restricted, call.axes, call.out_shape, call.coupled),
-                                       own, x1, x2)  # fmt: skip
-        return parts
+        restricted = lambda p, x: call.apply({**params, **p}, x)  # noqa: E731 - the other layers held fixed
+        one_layer = KernelCall(call.backend, restricted, call.axes, call.out_shape, call.coupled)
+        return {layer: self.kernel(one_layer, {n: params[n] for n in names}, x1, x2) for layer, names in layers.items()}
 
     def cost(self, shape: ModelShape, sizes: CallSizes, itemsize: int) -> Cost:
         """The predicted work of :meth:`kernel` on a model of ``shape`` at ``sizes``."""
