@@ -10,7 +10,7 @@ from typing import Any
 
 from ._xp import namespace_of
 from .axes import KernelAxes
-from .contraction import contract
+from .contraction import contract, jacobian_shapes
 from .explain import Explanation
 from .implementations import Implementation
 from .kernel_fn import KernelFn
@@ -28,6 +28,7 @@ def ntk_fn(
     backend: str | None = None,
     batch_independent: bool | None = None,
     check_finite: bool = True,
+    state: Any = None,
     output: Any = None,
     trainable: Any = None,
     memory_budget: float | str | None = None,
@@ -50,6 +51,7 @@ def ntk_fn(
         backend=backend,
         batch_independent=batch_independent,
         check_finite=check_finite,
+        state=state,
         output=output,
         trainable=trainable,
         kind="ntk",
@@ -73,6 +75,7 @@ def ntk(
     backend: str | None = None,
     batch_independent: bool | None = None,
     check_finite: bool = True,
+    state: Any = None,
     output: Any = None,
     trainable: Any = None,
     memory_budget: float | str | None = None,
@@ -111,6 +114,7 @@ def ntk(
         trainable: a predicate on parameter names choosing θ instead of the defaults (torch
             ``requires_grad``, Keras trainable variables, a JAX pytree's floating leaves — of its
             ``"params"`` collection only, when it has one), e.g. ``lambda name: "head" in name``.
+        state: a haiku ``transform_with_state`` model's state (constants), with ``params=``.
         check_finite: refuse inputs with NaN or infinite entries (``ValueError``) and kernels
             with a non-finite entry (``FloatingPointError``, naming its index); ``False`` skips
             both checks, as in SciPy.
@@ -146,6 +150,7 @@ def ntk(
         backend=backend,
         batch_independent=batch_independent,
         check_finite=check_finite,
+        state=state,
         output=output,
         trainable=trainable,
         memory_budget=memory_budget,
@@ -169,6 +174,7 @@ def explain(
     backend: str | None = None,
     batch_independent: bool | None = None,
     check_finite: bool = True,
+    state: Any = None,
     output: Any = None,
     trainable: Any = None,
     memory_budget: float | str | None = None,
@@ -189,6 +195,7 @@ def explain(
         backend=backend,
         batch_independent=batch_independent,
         check_finite=check_finite,
+        state=state,
         output=output,
         trainable=trainable,
         memory_budget=memory_budget,
@@ -207,6 +214,7 @@ def nngp(
     backend: str | None = None,
     batch_independent: bool | None = None,
     check_finite: bool = True,
+    state: Any = None,
     output: Any = None,
     trainable: Any = None,
     batch_size: int | None = None,
@@ -223,6 +231,7 @@ def nngp(
         backend=backend,
         batch_independent=batch_independent,
         check_finite=check_finite,
+        state=state,
         output=output,
         trainable=trainable,
         kind="nngp",
@@ -245,21 +254,8 @@ def ntk_from_jacobians(
     ``output_ndim`` is the number of axes of f's output, batch axis included. Works on any
     array-API library (numpy included), with no framework imported.
     """
-    if not jac1:
-        raise ValueError("jac1 is empty: expected a map name -> Jacobian array")
     jac2 = jac1 if jac2 is None else jac2
-    if set(jac1) != set(jac2):
-        raise ValueError(f"jac1 and jac2 must have the same parameter names, got {sorted(jac1)} and {sorted(jac2)}")
-    first1, first2 = next(iter(jac1.values())), jac2[next(iter(jac1))]
-    shape1, shape2 = tuple(first1.shape[:output_ndim]), tuple(first2.shape[:output_ndim])
-    for name in jac1:
-        for label, jac, shape in (("jac1", jac1[name], shape1), ("jac2", jac2[name], shape2)):
-            if tuple(jac.shape[:output_ndim]) != shape:
-                raise ValueError(f"{label}[{name!r}] has shape {tuple(jac.shape)}, expected a leading {shape}")
-        if tuple(jac1[name].shape[output_ndim:]) != tuple(jac2[name].shape[output_ndim:]):
-            raise ValueError(f"jac1[{name!r}] and jac2[{name!r}] differ in their parameter axes")
-    if shape1[1:] != shape2[1:]:
-        raise ValueError(f"jac2 has output shape {shape2[1:]} but jac1 has {shape1[1:]}")
+    shape1, shape2 = jacobian_shapes(jac1, jac2, output_ndim)
     axes = KernelAxes.create(trace_axes, diagonal_axes, shape1)
     if 0 in axes.diagonal and shape1[0] != shape2[0]:
         raise ValueError(

@@ -64,6 +64,25 @@ def contract(
     return permute_to(xp, xp.reshape(total, tuple(sizes)), labels, axes.final_labels())
 
 
+def jacobian_shapes(jac1: Mapping[str, Any], jac2: Mapping[str, Any], output_ndim: int) -> tuple[tuple, tuple]:
+    """f's output shapes (N, *out) on the two sides of explicit Jacobians, checked consistent."""
+    if not jac1:
+        raise ValueError("jac1 is empty: expected a map name -> Jacobian array")
+    if set(jac1) != set(jac2):
+        raise ValueError(f"jac1 and jac2 must have the same parameter names, got {sorted(jac1)} and {sorted(jac2)}")
+    first1, first2 = next(iter(jac1.values())), jac2[next(iter(jac1))]
+    shape1, shape2 = tuple(first1.shape[:output_ndim]), tuple(first2.shape[:output_ndim])
+    for name in jac1:
+        for label, jac, shape in (("jac1", jac1[name], shape1), ("jac2", jac2[name], shape2)):
+            if tuple(jac.shape[:output_ndim]) != shape:
+                raise ValueError(f"{label}[{name!r}] has shape {tuple(jac.shape)}, expected a leading {shape}")
+        if tuple(jac1[name].shape[output_ndim:]) != tuple(jac2[name].shape[output_ndim:]):
+            raise ValueError(f"jac1[{name!r}] and jac2[{name!r}] differ in their parameter axes")
+    if shape1[1:] != shape2[1:]:
+        raise ValueError(f"jac2 has output shape {shape2[1:]} but jac1 has {shape1[1:]}")
+    return shape1, shape2
+
+
 def contract_by_layer(
     xp: Any,
     jac1: Mapping[str, Any],

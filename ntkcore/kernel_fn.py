@@ -84,12 +84,13 @@ class KernelFn:
         check_finite: bool = True,
         output: Any = None,
         trainable: Any = None,
+        state: Any = None,
     ) -> None:
         _check_options(per_layer, batch_size, executor, batch_independent)
         check_output(output)
         if trainable is not None and not callable(trainable):
             raise TypeError(f"trainable must be None or a predicate on parameter names, got {trainable!r}")
-        self._output, self._trainable = output, trainable
+        self._output, self._trainable, self._state = output, trainable, state
         if check_finite not in (True, False):
             raise TypeError(f"check_finite must be True or False, got {check_finite!r}")
         self._check_finite = check_finite
@@ -111,7 +112,8 @@ class KernelFn:
     def _prepare(self, arrays: tuple[Any, ...] = ()) -> None:
         if self._backend is None:
             self._backend = detect_backend(self._model, self._params, arrays)
-        extra = {} if self._trainable is None else {"trainable": self._trainable}
+        extra = {"trainable": self._trainable, "state": self._state}
+        extra = {k: v for k, v in extra.items() if v is not None}  # only what the user gave: plugins may not take them
         prepared = self._backend.prepare(self._model, self._params, **extra)
         if self._kind == "ntk" and not prepared.params:
             raise ValueError(
@@ -203,6 +205,7 @@ class KernelFn:
             "check_finite": self._check_finite,
             "output": self._output,
             "trainable": self._trainable,
+            "state": self._state,
         }
 
     def options(self, batch_size: int) -> dict:

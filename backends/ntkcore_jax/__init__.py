@@ -68,6 +68,23 @@ def _rule(params: Any, trainable: Callable[[str], bool] | None) -> Callable[[tup
 _PER_BATCH = ApplyCache()  # one batched call per module object, so that compiled kernels are reused
 
 
+def _haiku(model: Callable, state: Any) -> Callable:
+    """A haiku ``apply`` as ``f(params, x)``: ``hk.transform``'s takes an rng (``None``: the
+    model must be deterministic), ``hk.transform_with_state``'s the ``state`` too and returns
+    ``(out, new_state)``. Other functions as they are (``state=`` is refused)."""
+    kind = getattr(model, "__qualname__", "") if getattr(model, "__module__", "").startswith("haiku") else ""
+    if kind.startswith("transform_with_state.") and kind.endswith("apply_fn"):
+        if state is None:
+            raise TypeError("model is a haiku transform_with_state apply: pass its state with state=")
+        wrapped = lambda params, x: model(params, state, None, x)[0]  # noqa: E731 - the state a constant
+        return _PER_BATCH.shared(("haiku", id(model), id(state)), wrapped, model, state)
+    if state is not None:
+        raise TypeError("state= is for a haiku transform_with_state apply function; this model takes no state")
+    if kind.startswith("without_state.") and kind.endswith("apply_fn"):
+        return _PER_BATCH.shared(("haiku", id(model)), lambda params, x: model(params, None, x), model)
+    return model
+
+
 def _prepare_equinox(model: Any, trainable: Callable[[str], bool] | None) -> PreparedModel:
     eqx = sys.modules["equinox"]
     dynamic, static = eqx.partition(model, eqx.is_inexact_array)
@@ -193,9 +210,12 @@ class JaxBackend(Adapter):
         leaves = jax.tree_util.tree_leaves(params) + list(arrays)
         return any(isinstance(leaf, jax.Array) for leaf in leaves)
 
-    def prepare(self, model: Any, params: Any, trainable: Callable[[str], bool] | None = None) -> PreparedModel:
+    def prepare(
+        self, model: Any, params: Any, trainable: Callable[[str], bool] | None = None, state: Any = None
+    ) -> PreparedModel:
         """``trainable``: a predicate on parameter names (``"params.Dense_0.kernel"``) choosing the
-        floating-point leaves to differentiate, in place of the default rules."""
+        floating-point leaves to differentiate, in place of the default rules. ``state``: a haiku
+        ``transform_with_state`` model's state."""
         if _is_nnx_module(model) or _is_equinox_module(model):
             if params is not None:
                 raise TypeError(
@@ -206,6 +226,7 @@ class JaxBackend(Adapter):
             raise TypeError(f"model must be a function f(params, x) for the JAX backend, got {type(model).__name__}")
         if params is None:
             raise TypeError("params= is required for a JAX function model f(params, x): pass its parameter pytree")
+        model = _haiku(model, state)
         apply, flat = _functional(model, params, _rule(params, trainable))
         return PreparedModel(apply, flat, accepts_integer_inputs=_accepts_integer_inputs(apply, flat), source=model)
 

@@ -186,7 +186,11 @@ class TensorFlowBackend(Adapter):
             leaves = []
         return any(isinstance(a, (tf.Tensor, tf.Variable)) or _is_keras_variable(a) for a in [*leaves, *arrays])
 
-    def prepare(self, model: Any, params: Any, trainable: Callable[[str], bool] | None = None) -> PreparedModel:
+    def prepare(
+        self, model: Any, params: Any, trainable: Callable[[str], bool] | None = None, state: Any = None
+    ) -> PreparedModel:
+        if state is not None:
+            raise TypeError("state= is for a haiku transform_with_state model (JAX); torch and Keras models hold their own")
         if _is_keras_layer(model):
             return _prepare_keras(self, model, params, trainable)
         if isinstance(model, tf.Module):

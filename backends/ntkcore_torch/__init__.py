@@ -82,7 +82,11 @@ class TorchBackend(Adapter):
     def owns(self, model: Any, params: Any, arrays: tuple[Any, ...]) -> bool:
         return isinstance(model, nn.Module) or any(isinstance(a, torch.Tensor) for a in arrays)
 
-    def prepare(self, model: Any, params: Any, trainable: Callable[[str], bool] | None = None) -> PreparedModel:
+    def prepare(
+        self, model: Any, params: Any, trainable: Callable[[str], bool] | None = None, state: Any = None
+    ) -> PreparedModel:
+        if state is not None:
+            raise TypeError("state= is for a haiku transform_with_state model (JAX); torch and Keras models hold their own")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module for the torch backend, got {type(model).__name__}")
         _refuse_random(model)

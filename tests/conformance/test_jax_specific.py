@@ -253,3 +253,37 @@ def test_equinox_module_reuses_its_compiled_kernel(jax_zoo):
     for _ in range(3):
         ntkcore.ntk(mlp, x1)
     assert len(compiled._COMPILED) == before, "a repeated ntk() call on the same module compiled again"
+
+
+def test_haiku_models_as_users_apply_them(jax_zoo):
+    """``hk.transform``'s apply with params= (its rng handled), ``hk.transform_with_state``'s with
+    state= (a constant, e.g. BatchNorm statistics in inference mode)."""
+    hk = pytest.importorskip("haiku")
+    import jax
+    import jax.numpy as jnp
+
+    x1, x2 = inputs("mlp")
+
+    def mlp(x):
+        return hk.nets.MLP([8, 3])(x)
+
+    def normed(x, is_training=False):
+        h = hk.Linear(8)(x)
+        return hk.Linear(3)(jnp.tanh(hk.BatchNorm(True, True, 0.9)(h, is_training=is_training)))
+
+    plain, stateful = hk.transform(mlp), hk.transform_with_state(normed)
+    params = plain.init(jax.random.PRNGKey(0), x1)
+    sparams, state = stateful.init(jax.random.PRNGKey(1), x1, is_training=True)
+    cases = [
+        (plain.apply, params, {}, lambda p, x: plain.apply(p, None, x)),
+        (stateful.apply, sparams, {"state": state}, lambda p, x: stateful.apply(p, state, None, x)[0]),
+    ]
+    for apply, p, extra, f in cases:
+        expected = _reference(jax, f, p, x1, x2)
+        for implementation in ("jacobian_contraction", "ntk_vector_products", "structured"):
+            kernel = np.asarray(ntkcore.ntk(apply, x1, x2, params=p, implementation=implementation, **extra))
+            np.testing.assert_allclose(kernel, expected, rtol=1e-10, atol=1e-12 * np.abs(expected).max())
+    with pytest.raises(TypeError, match="pass its state with state="):
+        ntkcore.ntk(stateful.apply, x1, params=sparams)
+    with pytest.raises(TypeError, match="state= is for a haiku transform_with_state"):
+        ntkcore.ntk(plain.apply, x1, params=params, state=state)
