@@ -190,7 +190,7 @@ class TensorFlowBackend(Adapter):
         self, model: Any, params: Any, trainable: Callable[[str], bool] | None = None, state: Any = None
     ) -> PreparedModel:
         if state is not None:
-            raise TypeError("state= is for a haiku transform_with_state model (JAX); torch and Keras models hold their own")
+            raise TypeError("state= is for a haiku transform_with_state model (JAX); this model holds its own state")
         if _is_keras_layer(model):
             return _prepare_keras(self, model, params, trainable)
         if isinstance(model, tf.Module):

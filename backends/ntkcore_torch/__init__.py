@@ -86,7 +86,7 @@ class TorchBackend(Adapter):
         self, model: Any, params: Any, trainable: Callable[[str], bool] | None = None, state: Any = None
     ) -> PreparedModel:
         if state is not None:
-            raise TypeError("state= is for a haiku transform_with_state model (JAX); torch and Keras models hold their own")
+            raise TypeError("state= is for a haiku transform_with_state model (JAX); this model holds its own state")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module for the torch backend, got {type(model).__name__}")
         _refuse_random(model)
