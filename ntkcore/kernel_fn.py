@@ -24,7 +24,9 @@ from .registry import detect_backend, get_backend
 Resolved = tuple[Any, Any, tuple[int, ...], KernelAxes]  # x1, x2, per-example output shape, axes
 
 
-def _check_options(per_layer: Any, batch_size: Any, executor: Any, batch_independent: Any) -> None:
+def _check_options(
+    per_layer: Any, batch_size: Any, executor: Any, batch_independent: Any, check_finite: Any, trainable: Any
+) -> None:
     if per_layer not in (True, False):
         raise TypeError(f"per_layer must be True or False, got {per_layer!r}")
     if per_layer and (batch_size is not None or executor is not None):
@@ -36,6 +38,10 @@ def _check_options(per_layer: Any, batch_size: Any, executor: Any, batch_indepen
         raise ValueError(f"batch_size must be a positive number of examples per tile, got {batch_size!r}")
     if batch_independent not in (None, True, False):
         raise TypeError(f"batch_independent must be None, True or False, got {batch_independent!r}")
+    if check_finite not in (True, False):
+        raise TypeError(f"check_finite must be True or False, got {check_finite!r}")
+    if trainable is not None and not callable(trainable):
+        raise TypeError(f"trainable must be None or a predicate on parameter names, got {trainable!r}")
 
 
 def _probe(backend: AutodiffBackend, apply: Any) -> Any:
@@ -86,23 +92,15 @@ class KernelFn:
         trainable: Any = None,
         state: Any = None,
     ) -> None:
-        _check_options(per_layer, batch_size, executor, batch_independent)
+        _check_options(per_layer, batch_size, executor, batch_independent, check_finite, trainable)
         check_output(output)
-        if trainable is not None and not callable(trainable):
-            raise TypeError(f"trainable must be None or a predicate on parameter names, got {trainable!r}")
-        self._output, self._trainable, self._state = output, trainable, state
-        if check_finite not in (True, False):
-            raise TypeError(f"check_finite must be True or False, got {check_finite!r}")
-        self._check_finite = check_finite
         self._model, self._params, self._kind = model, params, kind
+        self._output, self._trainable, self._state, self._check_finite = output, trainable, state, check_finite
         self._implementation = Implementation.parse(implementation)
         self._memory_budget = memory.parse_budget(memory_budget)
         self._batch_size, self._progress, self._executor, self._per_layer = batch_size, progress, executor, per_layer
-        self._backend_name, self._axes_args, self._batch_independent = (
-            backend,
-            (trace_axes, diagonal_axes),
-            batch_independent,
-        )
+        self._backend_name, self._batch_independent = backend, batch_independent
+        self._axes_args = (trace_axes, diagonal_axes)
         self._backend: AutodiffBackend | None = get_backend(backend) if backend is not None else None
         self._prepared: PreparedModel | None = None
         self._out_shapes: dict[tuple, tuple[int, ...]] = {}
