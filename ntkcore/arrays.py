@@ -38,3 +38,12 @@ def layer_name(param: str) -> str:
     itself when it has no separator (a JAX dict ``{"w1": ..., "b1": ...}``)."""
     cut = max(param.rfind("."), param.rfind("/"))
     return param[:cut] if cut > 0 else param
+
+
+def layers_of(names: Any, key: Any = layer_name) -> dict[str, list[str]]:
+    """Layer -> its parameter names, in order; the layer of a name is ``key(name)``
+    (:func:`layer_name` by default)."""
+    layers: dict[str, list[str]] = {}
+    for name in names:
+        layers.setdefault(key(name), []).append(name)
+    return layers

@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
-from .arrays import layer_name
+from .arrays import layers_of
 from .contraction import contract
 from .implementations import KernelCall, Method
 
@@ -20,6 +20,7 @@ SIZE = 64
 _COMPILED: OrderedDict = OrderedDict()
 _CAPTURES: OrderedDict = OrderedDict()  # -> [capture, whether its fallbacks were warned about]
 _CHOICES: OrderedDict = OrderedDict()  # auto's choice per model, shapes and options
+_PROBED: OrderedDict = OrderedDict()  # f's per-example output shape (probed, checked) per model and input shape
 _FAILED: OrderedDict = OrderedDict()  # implementations that raised on a model and input shape -> why
 
 
@@ -32,14 +33,6 @@ def lookup(cache: OrderedDict, key: Hashable, make: Callable[[], Any]) -> Any:
     while len(cache) > SIZE:
         cache.popitem(last=False)
     return value
-
-
-def layers_of(params: Mapping[str, Any]) -> dict[str, list[str]]:
-    """Layer name -> its parameter names, in parameter order (see :func:`ntkcore.arrays.layer_name`)."""
-    layers: dict[str, list[str]] = {}
-    for name in params:
-        layers.setdefault(layer_name(name), []).append(name)
-    return layers
 
 
 def nngp_kernel(call: KernelCall, params: Mapping[str, Any], x1: Any, x2: Any) -> Any:

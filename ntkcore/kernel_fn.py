@@ -17,7 +17,7 @@ from .implementations import REGISTRY, Implementation, KernelCall, Method
 from .implementations.structured import StructuredFallbackWarning
 from .inputs import all_finite, check_independent, check_pair, first_nonfinite, output_shape
 from .outputs import StructuredOutput, check_output, rebuild, selected_apply
-from .planner import Planner
+from .planner import Planner, signature
 from .protocol import AutodiffBackend, PreparedModel
 from .registry import detect_backend, get_backend
 
@@ -103,7 +103,6 @@ class KernelFn:
         self._axes_args = (trace_axes, diagonal_axes)
         self._backend: AutodiffBackend | None = get_backend(backend) if backend is not None else None
         self._prepared: PreparedModel | None = None
-        self._out_shapes: dict[tuple, tuple[int, ...]] = {}
         if self._backend is not None:
             self._prepare()
 
@@ -159,13 +158,12 @@ class KernelFn:
         backend, prepared = self._backend, self._prepared
         x1, x2 = check_pair(backend, prepared, x1, x2, self._check_finite)
         coupled = self._batch_independent is False
-        key = (tuple(x1.shape[1:]), backend.dtype_name(x1), x1.shape[0] if coupled else None)
-        if key not in self._out_shapes:
-            probing = dataclasses.replace(prepared, apply=_probe(backend, prepared.apply))
-            self._out_shapes[key] = output_shape(backend, probing, x1, coupled, x2)
-            if self._batch_independent is None:
-                check_independent(backend, probing, x1, x2)
-        out_shape = self._out_shapes[key]
+        key = (  # a JAX apply serves every params pytree of one structure: their shapes are part of the key
+            backend.name, prepared.apply, signature(backend, prepared.params), tuple(x1.shape[1:]),
+            backend.dtype_name(x1), None if x2 is None else backend.dtype_name(x2),
+            x1.shape[0] if coupled else None, self._batch_independent,
+        )  # fmt: skip
+        out_shape = compiled.lookup(compiled._PROBED, key, lambda: self._probe_model(x1, x2, coupled))
         axes = KernelAxes.create(*self._axes_args, (x1.shape[0], *out_shape))
         if x2 is not None and 0 in axes.diagonal and x2.shape[0] != x1.shape[0]:
             raise ValueError(
@@ -173,6 +171,16 @@ class KernelFn:
                 f"{x1.shape[0]} examples and x2 has {x2.shape[0]}"
             )
         return x1, x2, out_shape, axes
+
+    def _probe_model(self, x1: Any, x2: Any, coupled: bool) -> tuple[int, ...]:
+        """f's per-example output shape, and (unless told) the check that examples do not interact;
+        once per model, input shape and options, shared across calls like compiled kernels."""
+        backend, prepared = self._backend, self._prepared
+        probing = dataclasses.replace(prepared, apply=_probe(backend, prepared.apply))
+        out_shape = output_shape(backend, probing, x1, coupled, x2)
+        if self._batch_independent is None:
+            check_independent(backend, probing, x1, x2)
+        return out_shape
 
     def budget(self) -> tuple[float | None, str]:
         """The memory budget in bytes (``None``: unknown, no limit) and where it comes from."""

@@ -22,6 +22,11 @@ class AutoFallbackWarning(UserWarning):
     """An implementation ``auto`` chose raised on this model; the next best is used instead."""
 
 
+def signature(backend: AutodiffBackend, params: Any) -> tuple:
+    """The parameters' names, shapes and dtypes: what a model's probes and failures depend on."""
+    return tuple((name, tuple(p.shape), backend.dtype_name(p)) for name, p in params.items())
+
+
 def kernel_shape(x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes) -> tuple[int, ...]:
     return axes.kernel_shape((x1.shape[0], *out_shape), ((x1 if x2 is None else x2).shape[0], *out_shape))
 
@@ -52,7 +57,8 @@ class Planner:
             hash(model)
         except TypeError:  # an equinox module hashes its arrays
             model = ("id", id(model))
-        return (backend.name, model, tuple(x1.shape[1:]), backend.dtype_name(x1), self._batch_independent)
+        params = signature(backend, prepared.params)
+        return (backend.name, model, params, tuple(x1.shape[1:]), backend.dtype_name(x1), self._batch_independent)
 
     def failed(self, x1: Any) -> dict[str, str]:
         """Implementations that raised on this model and input shape -> their error."""

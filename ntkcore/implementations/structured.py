@@ -19,9 +19,9 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from ..arrays import device_of, layer_name, output_basis
+from ..arrays import device_of, layer_name, layers_of, output_basis
 from ..axes import KernelAxes
-from ..contraction import contract
+from ..contraction import contract_by_layer
 from ..model_shape import FALLBACK, FRAMEWORK, SHARED, ModelShape
 from ..protocol import AutodiffBackend, Capture, LayerUse, Params
 from ..rules import RULES
@@ -161,11 +161,8 @@ class _Parts:
         self.parts[layer] = part if layer not in self.parts else self.parts[layer] + part
 
     def contract_by_layer(self, j1: dict, j2: dict) -> None:
-        names: dict[str, list[str]] = defaultdict(list)
-        for name in j1:
-            names[self.key(name)].append(name)
-        for layer, chosen in names.items():
-            part = contract(self.xp, {n: j1[n] for n in chosen}, {n: j2[n] for n in chosen}, self.axes, *self.shapes)
+        layers = layers_of(j1, self.key)
+        for layer, part in contract_by_layer(self.xp, j1, j2, self.axes, *self.shapes, layers).items():
             self.add(layer, part)
 
     def rule(self, group: list[LayerUse], a1: Any, b1: Any, a2: Any, b2: Any) -> None:
