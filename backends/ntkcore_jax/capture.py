@@ -2,16 +2,20 @@
 
 Equations that consume a parameter (through reshape, transpose or dtype conversion) are
 matched to the core's kinds: ``dot_general`` → dense; ``add``/``sub`` with a broadcast
-parameter → dense with a constant ±1 input (a bias); ``mul`` → affine scale; a row
+parameter → dense with a constant ±1 input (a bias); ``mul`` → affine scale (by the other
+factor, broadcast: flax's norms multiply γ into rsqrt(var) first); a row
 ``gather`` → embedding. Any other use of a parameter (a convolution, a parameter feeding
 another parameter, a custom derivative rule) sends that parameter to the exact fallback,
 so an unmatched pattern never gives a wrong number. Calls to jitted sub-functions are
-inlined. The model is then re-evaluated equation by equation with a zero probe added to each
+inlined; a ``scan`` that reads parameters as constants (an RNN cell) is walked into, and
+evaluated step by step, each step's matches a call of their layer. The model is then
+re-evaluated equation by equation with a zero probe added to each
 matched output, in canonical (1, tokens, features) layout.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -76,6 +80,7 @@ class _Walker:
     def __init__(self) -> None:
         self.matches: dict[tuple, _Match] = {}
         self.inline: set[tuple] = set()
+        self.scans: dict[tuple, int] = {}  # scans run step by step: path -> length
         self.excluded: dict[str, str] = {}
         self.count = 0
 
@@ -102,6 +107,9 @@ class _Walker:
                     if origin is not None:
                         origins[var] = origin
                 continue
+            if name == "scan" and all(k < eqn.params["num_consts"] for k, _ in found):
+                self._scan(eqn, found, here)
+                continue
             if name in _VIEWS and len(found) == 1:
                 origin = found[0][1]
                 if origin.feature_dims is None:
@@ -113,9 +121,11 @@ class _Walker:
                     exact = origin.exact and name not in ("reshape", "transpose")
                     origins[eqn.outvars[0]] = _Origin(origin.name, exact, None, axes)
                     continue
-            if name == "broadcast_in_dim" and found[0][1].feature_dims is None:
+            if name == "broadcast_in_dim" and len(found) == 1:
                 origin = found[0][1]
                 dims = tuple(eqn.params["broadcast_dimensions"])
+                if origin.feature_dims is not None:  # a broadcast of a broadcast (nested vmaps)
+                    dims = tuple(dims[d] for d in origin.feature_dims)
                 origins[eqn.outvars[0]] = _Origin(origin.name, origin.exact, dims, origin.axes)
                 continue
             match = self.match(eqn, found)
@@ -124,6 +134,24 @@ class _Walker:
             else:
                 self.matches[here] = match
         return [origins.get(v) for v in jaxpr.outvars]
+
+    def _scan(self, eqn: Any, found: list, here: tuple) -> None:
+        """A scan whose body reads parameters as constants (an RNN cell): its matches are calls
+        at every step, each with its own probe, as the scan is evaluated step by step."""
+        body = eqn.params["jaxpr"].jaxpr
+        leaked = self.walk(body, {body.invars[k]: o for k, o in found}, here)
+        for origin in leaked:  # a parameter carried or emitted as it is: no structure for that
+            if origin is not None:
+                self.excluded.setdefault(origin.name, "is passed through a scan, which has no structured rule")
+        self.scans[here] = eqn.params["length"]
+
+    def steps(self, path: tuple) -> list[str]:
+        """The key suffixes of the calls of a match at ``path``: one per step of each enclosing scan."""
+        suffixes = [""]
+        for scan, length in sorted(self.scans.items(), key=lambda item: len(item[0])):
+            if path[: len(scan)] == scan and len(path) > len(scan):
+                suffixes = [f"{s}@{t}" for s in suffixes for t in range(length)]
+        return suffixes
 
     def _use(
         self,
@@ -205,13 +233,14 @@ class _Walker:
         out_shape, shapes = _shapes(eqn)
         name, other = eqn.primitive.name, 1 - index
         features = _feature_dims(origin, shapes[index], out_shape)
-        if shapes[other] != out_shape or features is None:
+        if not _broadcasts_to(shapes[other], out_shape) or features is None:
             return None
         tokens = [d for d in range(len(out_shape)) if d not in features]
-        if name == "mul":
+        if name == "mul":  # the other factor may be broadcast too (flax's LayerNorm: rsqrt(var)·γ)
 
             def scale_input(invals: list, perm: list, probe: tuple) -> Any:
-                return jnp.reshape(jnp.transpose(invals[other], perm), probe)
+                full = jnp.broadcast_to(invals[other], out_shape)
+                return jnp.reshape(jnp.transpose(full, perm), probe)
 
             return self._use("affine", "scale", origin, out_shape, tokens, scale_input, origin.axes == (0,))
         sign = -1.0 if (name == "sub" and index == 1) else 1.0  # ∂(a - b)/∂b = -1
@@ -246,6 +275,12 @@ class _Walker:
         return self._use("embedding", "table", origin, out_shape, tokens, ids_input, native=True)
 
 
+def _broadcasts_to(shape: tuple[int, ...], out_shape: tuple[int, ...]) -> bool:
+    """Whether an operand of ``shape`` broadcasts to ``out_shape`` (size-1 axes, a scalar)."""
+    aligned = (1,) * (len(out_shape) - len(shape)) + tuple(shape)
+    return len(shape) <= len(out_shape) and all(s in (1, o) for s, o in zip(aligned, out_shape))
+
+
 def _shapes(eqn: Any) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
     """The equation's output shape and its operands' shapes."""
     return tuple(eqn.outvars[0].aval.shape), [tuple(v.aval.shape) for v in eqn.invars]
@@ -262,9 +297,33 @@ _MATCHERS: dict[str, Callable[[_Walker, Any, int, _Origin], _Match | None]] = {
 }
 
 
+def _evaluate_scan(walker: _Walker, eqn: Any, invals: list, probes: Mapping | None, records: dict, here: tuple,
+                   suffix: str) -> list:  # fmt: skip
+    """A ``scan`` run step by step, so that every step's matches get their own probes."""
+    prm = eqn.params
+    consts, carry = invals[: prm["num_consts"]], invals[prm["num_consts"] : prm["num_consts"] + prm["num_carry"]]
+    xs = invals[prm["num_consts"] + prm["num_carry"] :]
+    closed, ys = prm["jaxpr"], {}
+    for t in reversed(range(prm["length"])) if prm["reverse"] else range(prm["length"]):
+        args = [*consts, *carry, *(x[t] for x in xs)]
+        out = _evaluate(walker, closed.jaxpr, closed.consts, args, probes, records, here, f"{suffix}@{t}")
+        carry, ys[t] = out[: prm["num_carry"]], out[prm["num_carry"] :]
+    stacked = [jnp.stack([ys[t][i] for t in range(prm["length"])]) for i in range(len(eqn.outvars) - len(carry))]
+    return [*carry, *stacked]
+
+
 def _evaluate(
-    walker: _Walker, jaxpr: Any, consts: list, args: list, probes: Mapping | None, records: dict, path: tuple = ()
+    walker: _Walker,
+    jaxpr: Any,
+    consts: list,
+    args: list,
+    probes: Mapping | None,
+    records: dict,
+    path: tuple = (),
+    suffix: str = "",
 ) -> list:
+    """Evaluate ``jaxpr`` equation by equation, recording the matched calls' structured inputs
+    (keys ``layer#i`` plus a step ``suffix`` inside scans) and adding their probes."""
     env: dict = {}
 
     def read(v: Any) -> Any:
@@ -277,15 +336,17 @@ def _evaluate(
         invals = [read(v) for v in eqn.invars]
         if here in walker.inline:
             closed = eqn.params["jaxpr"]
-            outvals = _evaluate(walker, closed.jaxpr, closed.consts, invals, probes, records, here)
+            outvals = _evaluate(walker, closed.jaxpr, closed.consts, invals, probes, records, here, suffix)
+        elif here in walker.scans:
+            outvals = _evaluate_scan(walker, eqn, invals, probes, records, here, suffix)
         else:
             outvals = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
             outvals = outvals if eqn.primitive.multiple_results else [outvals]
             match = walker.matches.get(here)
             if match is not None:
-                records[match.use.key] = match.structured_input(invals)
+                records[match.use.key + suffix] = match.structured_input(invals)
                 if probes is not None:
-                    outvals = [match.add_probe(outvals[0], probes[match.use.key])]
+                    outvals = [match.add_probe(outvals[0], probes[match.use.key + suffix])]
         env.update(zip(eqn.outvars, outvals))
     return [read(v) for v in jaxpr.outvars]
 
@@ -316,6 +377,7 @@ def capture(prepared: PreparedModel, x: Any) -> Capture:
         out = _evaluate(walker, closed.jaxpr, closed.consts, args, probes, records)
         return out[0], records
 
-    uses = tuple(m.use for m in matches.values())
-    shapes = {m.use.key: m.probe_shape for m in matches.values()}
+    every = [(m, suffix) for here, m in matches.items() for suffix in walker.steps(here)]
+    uses = tuple(dataclasses.replace(m.use, key=m.use.key + suffix) for m, suffix in every)
+    shapes = {m.use.key + suffix: m.probe_shape for m, suffix in every}
     return Capture(uses, apply_probed, shapes, excluded=dict(sorted(walker.excluded.items())))

@@ -26,7 +26,7 @@ from torch.overrides import TorchFunctionMode
 from ntkcore.adapter import CallRecorder, LayerEntry, ParameterAudit, Patches, build_capture, owners_of, patched
 from ntkcore.protocol import Capture, PreparedModel
 
-from . import recurrent
+from . import broadcast, recurrent
 
 _BATCH_NORM = nn.modules.batchnorm._BatchNorm
 
@@ -154,21 +154,37 @@ def _reads_metadata(func: Any) -> bool:
 
 
 class _Audit(TorchFunctionMode):
-    """Reports every use of a trainable parameter (by tensor identity) to the audit."""
+    """Reports every use of a trainable parameter (by tensor identity) to the audit, and records
+    the broadcast uses of candidate parameters (``layers``: parameter -> layer) as their calls."""
 
-    def __init__(self, audit: ParameterAudit, names: dict[int, str]) -> None:
+    def __init__(
+        self,
+        audit: ParameterAudit,
+        names: dict[int, str],
+        layers: Mapping[str, str] | None = None,
+        recorder: CallRecorder | None = None,
+    ) -> None:
         super().__init__()
-        self.audit, self.names = audit, names
+        self.audit, self.names, self.layers, self.recorder = audit, names, dict(layers or {}), recorder
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
         if _reads_metadata(func):  # reading a parameter's dtype or shape uses none of its values
-            return func(*args, **(kwargs or {}))
-        for value in [*args, *(kwargs or {}).values()]:
+            return func(*args, **kwargs)
+        found = broadcast.operand(func, args, kwargs, self.names, self.layers) if self.recorder else None
+        if found is not None:
+            out = func(*args, **kwargs)
+            ids = broadcast.broadcast_ids(tuple(found[1].shape), tuple(out.shape), out)
+            if ids is None:  # not a broadcast over tokens: an ordinary use
+                self.audit.used(found[0])
+                return out
+            return self.recorder.record(self.recorder.next_key(self.layers[found[0]]), ids, out)
+        for value in [*args, *kwargs.values()]:
             for tensor in value if isinstance(value, (list, tuple)) else (value,):
                 name = self.names.get(id(tensor)) if isinstance(tensor, torch.Tensor) else None
                 if name is not None:
                     self.audit.used(name)
-        return func(*args, **(kwargs or {}))
+        return func(*args, **kwargs)
 
 
 def attention_modules(model: nn.Module) -> list[nn.MultiheadAttention]:
@@ -196,9 +212,11 @@ def plain_attention(modules: list[nn.MultiheadAttention]) -> Iterator[None]:
         yield
 
 
-def _table(model: nn.Module, params: Mapping[str, torch.Tensor]) -> tuple[dict, dict[str, LayerEntry], list[str]]:
-    """(layer -> module, layer -> its rule's entry, layers with trainable parameters and no rule)."""
-    modules, table, unsupported = {}, {}, []
+def _table(model: nn.Module, params: Mapping[str, torch.Tensor]) -> tuple[dict, dict[str, LayerEntry], dict[str, str]]:
+    """(layer -> module, layer -> its rule's entry, candidates): the trainable parameters of a
+    module without a rule are candidates (parameter -> the module's label), each its own layer
+    of the embedding kind where it is only broadcast into activations (:mod:`.broadcast`)."""
+    modules, table, candidates = {}, {}, {}
     # a parameter tied into several modules has one name in ``params``, whichever module asks
     first_name = {id(p): n for n, p in model.named_parameters()}
     canonical = {n: first_name[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
@@ -218,14 +236,16 @@ def _table(model: nn.Module, params: Mapping[str, torch.Tensor]) -> tuple[dict, 
             continue
         rule = _rule(module)
         if rule is None:
-            unsupported.append(f"{name or 'model'} ({type(module).__name__})")
+            for full in trainable.values():
+                candidates[full] = f"{name or 'model'} ({type(module).__name__})"
+                table[full] = LayerEntry("embedding", {"table": full})
             continue
         kind, roles, axis = rule
         modules[name] = module
         table[name] = LayerEntry(
             kind, {r: trainable[a] for r, a in roles.items() if a in trainable}, axis, _native(module)
         )
-    return modules, table, unsupported
+    return modules, table, candidates
 
 
 def _install(patches: Patches, modules: dict, table: dict, recorder: CallRecorder, audit: ParameterAudit) -> None:
@@ -274,24 +294,31 @@ def _cell_record(name: str, recorder: CallRecorder, audit: ParameterAudit) -> re
 def capture(prepared: PreparedModel, x: torch.Tensor) -> Capture:
     """Capture the model of ``prepared`` (run as its ``apply``) on a batch of one ``x``."""
     model, params, call = prepared.source, prepared.params, prepared.apply
-    modules, table, unsupported = _table(model, params)
-    # only parameters of supported layers need the audit: the others fall back anyway
+    modules, table, candidates = _table(model, params)
+    # only parameters of layers with a rule (or candidates) need the audit: the others fall back anyway
     audit, recorder = ParameterAudit(owners_of(table)), CallRecorder()
     with patched(lambda p: _install(p, modules, table, recorder, audit)), torch.no_grad():
-        with _Audit(audit, {id(t): n for n, t in params.items()}):
+        with _Audit(audit, {id(t): n for n, t in params.items()}, {n: n for n in candidates}, recorder):
             call(params, x)
+    recorded = {key.rpartition("#")[0] for key in recorder.shapes}
+    # a candidate without a broadcast use is its module's own computation: no rule, as before
+    unsupported = sorted({candidates[n] for n in candidates if n not in recorded or n in audit.outside})
+    shapes = {k: s for k, s in recorder.shapes.items() if k.rpartition("#")[0] not in audit.outside}
+    layers = {n: n for n in candidates if n in recorded and n not in audit.outside}
 
     def apply_probed(p: Mapping[str, torch.Tensor], probes: Mapping[str, torch.Tensor], batch: torch.Tensor) -> tuple:
         probed = CallRecorder(probes)
+        names = {id(t): n for n, t in p.items()}
         with patched(lambda patches: _install(patches, modules, table, probed, ParameterAudit({}))):
-            return call(p, batch), probed.inputs
+            with _Audit(ParameterAudit({}), names, layers, probed):
+                return call(p, batch), probed.inputs
 
     return build_capture(
         table,
-        recorder.shapes,
+        shapes,
         apply_probed,
         unsupported=tuple(unsupported),
-        excluded=audit.excluded("is also used outside its layer"),
+        excluded={n: why for n, why in audit.excluded("is also used outside its layer").items() if n not in candidates},
         framework_gradients=frozenset({"conv"}),  # torch's convolution backward beats patches and a matmul
         native_layout=True,  # torch's weights are laid out (out, in, *kernel), tables (vocabulary, F)
     )

@@ -5,6 +5,7 @@ table's (vocabulary, F) layout)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,7 +26,8 @@ def gradients(xp: Any, ids: Any, g: Any, roles: set[str], shapes: Mapping[str, t
     """Per-example gradient Σ_s onehot(id_s) ⊗ g_s of the table, laid out (vocabulary, F):
     (N, *out, V·F). ``shapes`` gives the table's shape."""
     n, s = ids.shape
-    vocabulary, f = shapes["table"]
+    *rows, f = shapes["table"]  # a broadcast parameter's rows may span several axes
+    vocabulary = math.prod(rows)
     lead = tuple(g.shape[:-2])
     device = device_of(ids)
     rows_ids = xp.arange(vocabulary, dtype=ids.dtype, **({} if device is None else {"device": device}))

@@ -206,9 +206,17 @@ def test_flax_variables_through_any_function_train_params_only(jax_zoo):
     bound = np.asarray(ntkcore.ntk(model.apply, x1, x2, params=variables))
     wrapped = np.asarray(ntkcore.ntk(lambda v, x: model.apply(v, x), x1, x2, params=variables))
     np.testing.assert_allclose(wrapped, bound, rtol=1e-10)
-    with pytest.warns(ntkcore.StructuredFallbackWarning):  # batch statistics have no rule, exactly as they are
-        everything = np.asarray(ntkcore.ntk(lambda v, x: model.apply(v, x), x1, x2, params=variables, trainable=bool))
-    assert not np.allclose(everything, bound)
+    everything = {
+        implementation: np.asarray(
+            ntkcore.ntk(
+                lambda v, x: model.apply(v, x), x1, x2, params=variables, trainable=bool, implementation=implementation
+            )
+        )
+        for implementation in ("structured", "jacobian_contraction")
+    }
+    assert not np.allclose(everything["structured"], bound)
+    # batch statistics as parameters: the mean is a bias, var + ε one too (float32 models)
+    np.testing.assert_allclose(everything["structured"], everything["jacobian_contraction"], rtol=1e-5, atol=1e-6)
 
 
 def test_nnx_module_passed_directly(jax_zoo):
@@ -287,3 +295,96 @@ def test_haiku_models_as_users_apply_them(jax_zoo):
         ntkcore.ntk(stateful.apply, x1, params=sparams)
     with pytest.raises(TypeError, match="state= is for a haiku transform_with_state"):
         ntkcore.ntk(plain.apply, x1, params=params, state=state)
+
+
+def _library_models() -> dict:
+    """name -> (model, params or None, x): float64 models from flax nnx and linen, equinox and
+    haiku, built as their users build them, from layers ntkcore has rules for."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 5, 4)))
+    found = {}
+    if importlib.util.find_spec("flax") is not None:
+        import flax.linen as nn
+        from flax import nnx
+
+        class Nnx(nnx.Module):
+            def __init__(self, rngs):
+                f64 = {"param_dtype": jnp.float64, "rngs": rngs}
+                self.dense = nnx.Linear(4, 6, **f64)
+                self.ln = nnx.LayerNorm(6, **f64)
+                self.rms = nnx.RMSNorm(6, **f64)
+                self.conv = nnx.Conv(6, 6, kernel_size=(3,), **f64)
+                self.bn = nnx.BatchNorm(6, use_running_average=True, **f64)
+                self.out = nnx.Linear(6, 2, **f64)
+
+            def __call__(self, x):
+                h = self.rms(jnp.tanh(self.ln(self.dense(x))))
+                return self.out(jnp.tanh(self.bn(self.conv(h)))).mean(axis=1)
+
+        net = Nnx(nnx.Rngs(0))
+        for norm in (net.ln, net.rms):  # γ ≠ 1, so that a wrong scale term shows
+            norm.scale[...] = norm.scale[...] + 0.3
+        found["nnx"] = (net, None, x)
+
+        class Linen(nn.Module):
+            @nn.compact
+            def __call__(self, x):
+                f64 = {"param_dtype": jnp.float64}
+                h = nn.LayerNorm(**f64)(nn.Dense(6, **f64)(x))
+                h = nn.GroupNorm(num_groups=2, **f64)(nn.RMSNorm(**f64)(jnp.tanh(h)))
+                return nn.Dense(2, **f64)(jnp.tanh(h)).mean(axis=1)
+
+        linen = Linen()
+        variables = linen.init(jax.random.PRNGKey(0), x)
+        variables = jax.tree_util.tree_map(lambda a: a + 0.3, variables)
+        found["linen"] = (linen.apply, variables, x)
+    if importlib.util.find_spec("equinox") is not None:
+        import equinox as eqx
+
+        keys = jax.random.split(jax.random.PRNGKey(1), 2)
+        layers = [eqx.nn.Linear(4, 6, key=keys[0]), eqx.nn.LayerNorm(6), eqx.nn.Linear(6, 2, key=keys[1])]
+        mlp = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64) + 0.1, layers)
+
+        def apply(model, x):
+            per_token = lambda t: model[2](jnp.tanh(model[1](model[0](t))))  # noqa: E731
+            return jax.vmap(jax.vmap(per_token))(x).mean(axis=1)
+
+        found["equinox"] = (apply, mlp, x)
+    if importlib.util.find_spec("haiku") is not None:
+        import haiku as hk
+
+        def forward(x):
+            h = hk.LayerNorm(-1, create_scale=True, create_offset=True)(hk.Linear(6)(x))
+            return hk.Linear(2)(jnp.tanh(h)).mean(axis=1)
+
+        transformed = hk.transform(forward)
+        params = jax.tree_util.tree_map(lambda a: a + 0.3, transformed.init(jax.random.PRNGKey(2), x))
+        found["haiku"] = (transformed.apply, params, x)
+    return found
+
+
+def test_jax_libraries_are_exact_and_structured(jax_zoo):
+    """Every implementation equals jax's own float64 autodiff on nnx, linen, equinox and haiku
+    models, and structured derivatives cover all of their parameters (norm scales included)."""
+    import warnings
+
+    import jax
+
+    models = _library_models()
+    if not models:
+        pytest.skip("no JAX library installed")
+    for name, (model, params, x) in models.items():
+        prepared = ntkcore.get_backend("jax").prepare(model, params)
+        jac = jax.jacrev(prepared.apply)(prepared.params, x)
+        flat = {k: np.asarray(j).reshape(*j.shape[:2], -1) for k, j in jac.items()}
+        expected = reference_kernel(flat, output_ndim=2)
+        for implementation in ("jacobian_contraction", "ntk_vector_products", "structured", "auto"):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                kernel = np.asarray(ntkcore.ntk(model, x, params=params, implementation=implementation))
+            fallback = [str(w.message) for w in caught if issubclass(w.category, ntkcore.StructuredFallbackWarning)]
+            assert not fallback, f"{name}: {fallback}"
+            # float64 on both sides: 1e-10 of the largest entry is far above rounding, far below a missing term
+            np.testing.assert_allclose(kernel, expected, rtol=0, atol=1e-10 * np.abs(expected).max(), err_msg=name)

@@ -145,3 +145,55 @@ def test_factorize_leaves_attention_projections_alone(torch):
     new = ntkcore.factorize(model, 2)
     x = torch.as_tensor(np.random.default_rng(0).integers(0, 7, size=(3, 4)))
     assert new(x).shape == model(x).shape
+
+
+def _tokens_model(torch, form: str):
+    """Parameters broadcast into token activations by hand, outside any layer with a rule."""
+    nn = torch.nn
+
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(3, 4)
+            self.position = nn.Parameter(torch.randn(1, 5, 4))  # a learned position table
+            self.cls = nn.Parameter(torch.randn(1, 1, 4))  # a class token
+            self.shift = nn.Parameter(torch.randn(4))  # a bias added by hand, shared by every token
+            if form == "features":
+                self.gate = nn.Parameter(torch.randn(4, 1, 1))  # broadcast over features: no rule
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.proj(x) + self.position  # (N, 5, 4)
+            h = torch.cat([self.cls.expand(x.shape[0], -1, -1), h], dim=1)
+            h = torch.tanh(h) + self.shift
+            h = torch.add(self.shift, torch.tanh(h))  # a second broadcast use of the same parameter
+            if form == "matmul":  # the class token also used by a matmul: exact fallback
+                h = h + (h @ self.cls.reshape(4, 1)) * 0.1
+            if form == "features":
+                h = (h.unsqueeze(1) * 1.0 + self.gate).mean(dim=1)
+            return self.head(torch.tanh(h)).mean(dim=1)
+
+    torch.manual_seed(0)
+    return Tokens().double().eval()
+
+
+@pytest.mark.parametrize(
+    "form, fallback",
+    [("plain", []), ("matmul", ["cls"]), ("features", ["gate"])],
+)
+def test_parameters_broadcast_over_tokens_are_structured(torch, form, fallback):
+    """A position table, a class token and a bias added by hand are embedding-rule calls (ids
+    say which row each token reads); any other use of such a parameter falls back, exactly."""
+    model = _tokens_model(torch, form)
+    x1, x2 = torch.randn(3, 5, 3, dtype=torch.float64), torch.randn(2, 5, 3, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kernel = ntkcore.ntk(model, x1, x2, implementation="structured")
+    messages = [str(w.message) for w in caught if issubclass(w.category, ntkcore.StructuredFallbackWarning)]
+    if fallback:
+        assert len(messages) == 1 and all(repr(name) in messages[0] for name in fallback), messages
+        assert "'position'" not in messages[0] and "'shift'" not in messages[0]
+    else:
+        assert not messages, messages
+    expected = ntkcore.ntk(model, x1, x2, implementation="jacobian_contraction")
+    np.testing.assert_allclose(kernel.numpy(), expected.numpy(), rtol=1e-10, atol=1e-12)

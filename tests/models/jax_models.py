@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -367,11 +370,52 @@ def recurrent_models() -> dict[str, tuple[Built, object]]:
         h, _ = jax.lax.scan(step, jnp.zeros((x.shape[0], 5), dtype=x.dtype), jnp.swapaxes(x, 0, 1))
         return h @ p["o"]
 
-    def reference(x: np.ndarray) -> dict[str, np.ndarray]:
-        jac = jax.jacrev(lambda p: scan_rnn(p, jnp.asarray(x, dtype=jnp.float64)))(params)
-        return {k: np.asarray(v).reshape(*np.asarray(v).shape[:2], -1) for k, v in jac.items()}
+    found = {"scan_rnn": (scan_rnn, params)} | _library_recurrent_models()
+    return {name: (Built(model, {"params": p}), _scan_reference(model, p)) for name, (model, p) in found.items()}
 
-    return {"scan_rnn": (Built(scan_rnn, {"params": params}), reference)}
+
+def _scan_reference(model: Callable, params: Any) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    def reference(x: np.ndarray) -> dict[str, np.ndarray]:
+        jac = jax.jacrev(lambda p: model(p, jnp.asarray(x, dtype=jnp.float64)))(params)
+        leaves = jax.tree_util.tree_leaves(jac)
+        return {str(i): np.asarray(v).reshape(*np.asarray(v).shape[:2], -1) for i, v in enumerate(leaves)}
+
+    return reference
+
+
+def _library_recurrent_models() -> dict[str, tuple[Callable, Any]]:
+    """flax linen ``nn.RNN`` (an LSTM, then a GRU run in reverse) and an equinox GRU cell in a
+    ``lax.scan``, where those libraries are installed: (apply, params)."""
+    found = {}
+    x = jnp.zeros((1, 6, 4), dtype=jnp.float64)
+    if importlib.util.find_spec("flax") is not None:
+        import flax.linen as nn
+
+        class LinenRNN(nn.Module):
+            @nn.compact
+            def __call__(self, x):
+                h = nn.RNN(nn.LSTMCell(5, param_dtype=jnp.float64))(x)
+                h = nn.RNN(nn.GRUCell(5, param_dtype=jnp.float64), reverse=True)(h)
+                return nn.Dense(2, param_dtype=jnp.float64)(h[:, -1])
+
+        linen = LinenRNN()
+        found["linen_rnn"] = (linen.apply, linen.init(jax.random.PRNGKey(0), x))
+    if importlib.util.find_spec("equinox") is not None:
+        import equinox as eqx
+
+        cell = jax.tree_util.tree_map(
+            lambda a: jnp.asarray(a, jnp.float64), eqx.nn.GRUCell(4, 5, key=jax.random.PRNGKey(3))
+        )
+
+        def equinox_gru(cell: Any, x: Any) -> Any:
+            def one(seq: Any) -> Any:
+                h, _ = jax.lax.scan(lambda h, t: (cell(t, h), None), jnp.zeros(5, dtype=seq.dtype), seq)
+                return h[:2]
+
+            return jax.vmap(one)(x)
+
+        found["equinox_gru"] = (equinox_gru, cell)
+    return found
 
 
 transformers_models = None  # the transformers zoo is torch's
