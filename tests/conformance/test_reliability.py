@@ -143,6 +143,42 @@ def test_explicit_implementation_over_the_memory_budget(backend, zoo):
         ntkcore.ntk(built.model, x1, x2, implementation="jacobian_contraction", memory_budget=100, **built.kwargs)
 
 
+@pytest.mark.parametrize("axes", [{"trace_axes": (-1,)}, {"trace_axes": (-1,), "diagonal_axes": (0,)}])
+@pytest.mark.parametrize("same", [True, False])
+def test_traced_jacobian_contraction_streams_over_output_chunks(backend, zoo, monkeypatch, axes, same):
+    """With every output axis traced, Jacobian contraction holds the Jacobians of a chunk of
+    outputs at a time (here 2 of 3: 2·N·P elements allowed) and sums the chunks: the same
+    kernel, whole and per layer, and a peak predicted at the chunk's size."""
+    from collections import OrderedDict
+
+    from ntkcore import compiled
+    from ntkcore.implementations import jacobian_contraction as jc
+
+    built, x1, x2 = _mlp(zoo)
+    x1 = x1[: x2.shape[0]] if "diagonal_axes" in axes else x1  # pairs x1[i] with x2[i]
+    x2 = None if same else x2
+    options = {"implementation": "jacobian_contraction", **axes, **built.kwargs}
+    whole = zoo.to_numpy(ntkcore.ntk(built.model, x1, x2, **options))
+    layers = {k: zoo.to_numpy(v) for k, v in ntkcore.ntk(built.model, x1, x2, per_layer=True, **options).items()}
+    before = ntkcore.explain(built.model, x1, x2, **options).estimates["jacobian_contraction"].peak_bytes
+    params = sum(
+        int(np.prod(p.shape))
+        for p in ntkcore.get_backend(backend).prepare(built.model, built.kwargs.get("params")).params.values()
+    )
+    nx = x1.shape[0] + (0 if same else x2.shape[0])
+    for cache in ("_COMPILED", "_CHOICES"):  # compile afresh, with the smaller chunks
+        monkeypatch.setattr(compiled, cache, OrderedDict())
+    monkeypatch.setattr(jc, "JACOBIAN_ELEMENTS", 2 * nx * params)
+    assert jc.output_chunk(ntkcore.axes.KernelAxes(2, (1,), ()), nx, 3, params) == 2
+    chunked = zoo.to_numpy(ntkcore.ntk(built.model, x1, x2, **options))
+    per_layer = ntkcore.ntk(built.model, x1, x2, per_layer=True, **options)
+    after = ntkcore.explain(built.model, x1, x2, **options).estimates["jacobian_contraction"].peak_bytes
+    np.testing.assert_allclose(chunked, whole, rtol=1e-12, atol=1e-12 * np.abs(whole).max())
+    for name, part in per_layer.items():
+        np.testing.assert_allclose(zoo.to_numpy(part), layers[name], rtol=1e-12, atol=1e-12 * np.abs(whole).max())
+    assert after < before
+
+
 # -- stores ------------------------------------------------------------------------------------
 def _zarr_chunks(out: Path) -> list[Path]:
     return sorted(p for p in (out / "c").rglob("*") if p.is_file())
