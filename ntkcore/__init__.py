@@ -6,6 +6,7 @@ The core imports no framework: the adapter for a call is chosen from the model a
 
 from .api import explain, flatten, nngp, ntk, ntk_fn, ntk_from_jacobians
 from .axes import KernelAxes
+from .crosscheck import CrosscheckReport, crosscheck
 from .explain import Explanation, MemoryBudgetError
 from .factorize import factorize
 from .implementations import Implementation
@@ -21,6 +22,7 @@ from .protocol import AutodiffBackend, PreparedModel
 from .registry import get_backend, installed_backends, known_backends
 from .spectra import ConvergenceError, Spectrum, spectrum
 from .stores import StoreLockedError, StoreMismatchError
+from .transfer import TransferError, transfer
 
 __version__ = "0.1.0"
 
@@ -29,6 +31,7 @@ __all__ = [
     "AutodiffBackend",
     "BatchCouplingError",
     "ConvergenceError",
+    "CrosscheckReport",
     "Explanation",
     "Implementation",
     "KernelAxes",
@@ -44,7 +47,9 @@ __all__ = [
     "StoreLockedError",
     "StoreMismatchError",
     "StructuredFallbackWarning",
+    "TransferError",
     "alignment",
+    "crosscheck",
     "drift",
     "explain",
     "factorize",
@@ -63,4 +68,5 @@ __all__ = [
     "ntk_from_jacobians",
     "ntk_operator",
     "spectrum",
+    "transfer",
 ]

@@ -23,7 +23,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from .protocol import Capture, LayerUse, PreparedModel
+from .protocol import LAYER_OUTPUT, Capture, LayerUse, PreparedModel
 
 NUMPY_LIKE = (np.ndarray, np.generic, list, tuple)
 
@@ -114,6 +114,14 @@ class Adapter:
         """The model with the named dense layers replaced by ntkcore's factorized layer."""
         return self._module("factorize").factorized(model, params, factors)
 
+    def transfer_layers(self, model: Any, params: Any) -> list:
+        """The model's parameterised layers in call order, canonical layouts (:mod:`ntkcore.transfer`)."""
+        return self._module("transfer").layers(model, params)
+
+    def transfer_assign(self, model: Any, params: Any, values: Mapping[str, Mapping[str, Any]]) -> Any:
+        """``model`` (in place) or its new params with canonical ``values`` (layer -> role -> array)."""
+        return self._module("transfer").assign(model, params, values)
+
 
 def replaced_params(
     own: Mapping[str, Any],
@@ -188,6 +196,7 @@ class CallRecorder:
         input of ``None``: the framework differentiates the layer itself (``framework_gradients``)."""
         if structured_input is not None:
             self.inputs[key] = structured_input
+        self.inputs[key + LAYER_OUTPUT] = output  # for crosscheck; unused entries cost nothing
         self.shapes[key] = tuple(output.shape)
         return output if self.probes is None else output + self.probes[key]
 

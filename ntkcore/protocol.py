@@ -37,6 +37,9 @@ class PreparedModel:
     source: Any = field(default=None, repr=False)
 
 
+LAYER_OUTPUT = "/output"  # suffix of a captured call's output among apply_probed's inputs
+
+
 @dataclass(frozen=True)
 class LayerUse:
     """One call of a parameterised layer, as structured derivatives see it.
@@ -67,7 +70,9 @@ class Capture:
     ``apply_probed(params, probes, x) -> (output, inputs)`` evaluates the model with
     ``probes[use.key]`` added to the output of each captured layer call (zeros leave f
     unchanged; the vjp with respect to them is the layer's output cotangent g) and returns the
-    structured inputs ``inputs[use.key]``. ``output_shapes[use.key]`` is the shape of a
+    structured inputs ``inputs[use.key]`` (and, under ``use.key + LAYER_OUTPUT``, the call's
+    output before its probe, features on ``use.feature_axis``: :mod:`ntkcore.crosscheck` compares
+    them across frameworks). ``output_shapes[use.key]`` is the shape of a
     probe (a batch of one). ``unsupported`` names layers with trainable parameters and no
     rule; ``excluded`` maps parameters that must take the exact per-layer fallback to the
     reason (a use outside their layer, an operation without a rule). ``framework_gradients``

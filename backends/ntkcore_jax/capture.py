@@ -25,7 +25,7 @@ import jax
 import jax.extend.core as jex_core
 import jax.numpy as jnp
 
-from ntkcore.protocol import Capture, LayerUse, PreparedModel
+from ntkcore.protocol import LAYER_OUTPUT, Capture, LayerUse, PreparedModel
 
 _VIEWS = {"reshape", "transpose", "convert_element_type", "copy", "copy_p"}
 _CALLS = {"pjit", "jit", "closed_call", "core_call"}
@@ -49,6 +49,7 @@ class _Match:
     structured_input: Callable[[list], Any]
     add_probe: Callable[[Any, Any], Any]
     probe_shape: tuple[int, ...]
+    canonical: Callable[[Any], Any]  # the output in the probe's (1, tokens, features) layout
 
 
 def _canonical(y_shape: tuple[int, ...], tokens: list[int], features: list[int]) -> tuple[list[int], tuple]:
@@ -178,6 +179,7 @@ class _Walker:
             lambda invals: make_input(invals, perm, probe),
             _probe_adder(out_shape, perm),
             probe,
+            lambda y: jnp.reshape(jnp.transpose(y, perm), probe),
         )
 
     def match(self, eqn: Any, found: list) -> _Match | None:
@@ -345,6 +347,7 @@ def _evaluate(
             match = walker.matches.get(here)
             if match is not None:
                 records[match.use.key + suffix] = match.structured_input(invals)
+                records[match.use.key + suffix + LAYER_OUTPUT] = match.canonical(outvals[0])
                 if probes is not None:
                     outvals = [match.add_probe(outvals[0], probes[match.use.key + suffix])]
         env.update(zip(eqn.outvars, outvals))

@@ -23,7 +23,6 @@ from ..protocol import AutodiffBackend, Params
 from ..sizes import CallSizes
 from .base import Cost, KernelCall, Method
 
-
 # Jacobian elements held at once per side when the outputs are traced (1 GiB of float32).
 JACOBIAN_ELEMENTS = 1 << 28
 
