@@ -2,7 +2,7 @@
 
 Every error is one line on stderr, ``ntkcore: error: …``, with exit code 2 and the CLI's own
 flag names (``--debug`` shows the traceback); ``explain`` exits 1 when nothing fits the memory
-budget, ``demo`` when the frameworks disagree.
+budget, ``demo`` and ``crosscheck`` when the frameworks disagree.
 """
 
 from __future__ import annotations
@@ -31,9 +31,13 @@ def _demo(args: argparse.Namespace) -> int:
     if missing or not backends:
         raise CommandError(f"--backends: {missing or backends} not installed; installed: {available}")
     widths = _integers(args.widths, "--widths")
-    rows, largest = demo.run(backends, widths=widths, n=args.n, repeats=args.repeats)
+    rows, largest, report = demo.run(backends, widths=widths, n=args.n, repeats=args.repeats)
     print(demo.format_table(rows, largest, widths, args.n))
-    if largest > DEMO_TOLERANCE:
+    print()
+    print(report)
+    print()
+    print(demo.NEXT_STEPS)
+    if largest > DEMO_TOLERANCE or not report.ok:
         print(f"FAILED: kernels disagree by {largest:.2e} > {DEMO_TOLERANCE:g}", file=sys.stderr)
         return 1
     print(f"OK: all kernels agree within {DEMO_TOLERANCE:g}")
@@ -141,6 +145,54 @@ def _compute(args: argparse.Namespace) -> int:
     return 0
 
 
+def _named(values: list[str] | None, flag: str) -> dict[str, str]:
+    """``NAME=module:attribute`` entries of a repeated flag, in order."""
+    found = {}
+    for value in values or ():
+        name, sep, reference = value.partition("=")
+        if not sep or not name or not reference:
+            raise CommandError(f"{flag} takes NAME=module:attribute (e.g. torch=mymodels:net), got {value!r}")
+        found[name] = reference
+    return found
+
+
+def _crosscheck(args: argparse.Namespace) -> int:
+    from .crosscheck import crosscheck
+    from .transfer import transfer
+
+    references = _named(args.model, "--model")
+    if not references:
+        raise CommandError("give the models as --model NAME=module:attribute, once per framework")
+    params = {name: _load(ref, f"--params {name}") for name, ref in _named(args.params, "--params").items()}
+    unknown = sorted(set(params) - set(references))
+    if unknown:
+        raise CommandError(f"--params names {unknown}, which no --model names")
+    models = {name: (_load(ref, f"--model {name}"), params.get(name)) for name, ref in references.items()}
+    if args.transfer_from is not None:
+        if args.transfer_from not in models:
+            raise CommandError(f"--transfer-from {args.transfer_from!r} is none of the models {list(models)}")
+        source, source_params = models[args.transfer_from]
+        for name, (model, target_params) in models.items():
+            if name != args.transfer_from:
+                moved = transfer(source, model, source_params=source_params, target_params=target_params)
+                models[name] = (model, moved if target_params is not None else None)
+    x1 = _input(args.x1, args.shape)
+    if x1 is None:
+        raise CommandError("give the inputs as --x1 FILE.npy or their shape as --shape N,D,...")
+    report = crosscheck(
+        models,
+        x1,
+        _input(args.x2, None, "--x2"),
+        implementation=args.implementation,
+        rtol=args.rtol,
+        trace_axes=_axes(args.trace_axes, "--trace-axes"),
+        diagonal_axes=_axes(args.diagonal_axes, "--diagonal-axes"),
+        output=_output(args.output),
+    )
+    print(report)
+    return 0 if report.ok else 1
+
+
 # the API's argument names as the CLI spells them, for messages raised by the API
 _FLAGS = {
     "overwrite=True": "--overwrite",
@@ -237,6 +289,21 @@ def _parser() -> argparse.ArgumentParser:
         "--no-verify", action="store_true", help="trust an existing --out's finished tiles (skip their checksums)"
     )
     compute.set_defaults(handler=_compute)
+    check = commands.add_parser(
+        "crosscheck", help="one architecture in several frameworks: outputs and kernels compared (exit 1: they differ)"
+    )
+    check.add_argument("--model", action="append", help="NAME=module:attribute, once per model (e.g. torch=m:net)")
+    check.add_argument("--params", action="append", help="NAME=module:attribute of a JAX model's parameters")
+    check.add_argument("--transfer-from", help="copy this model's weights into the others first (ntkcore.transfer)")
+    check.add_argument("--x1", help=".npy file with the inputs")
+    check.add_argument("--shape", help="shape of random float32 inputs instead, e.g. 8,3,32,32")
+    check.add_argument("--x2", help=".npy file with a second batch (default: x2 = x1)")
+    check.add_argument("--implementation", default="auto", help="an implementation, auto or all (default: %(default)s)")
+    check.add_argument("--rtol", type=float, help="largest relative difference accepted (default: 1e-4 float32, 1e-9)")
+    check.add_argument("--trace-axes", help="comma-separated output axes to trace, e.g. -1")
+    check.add_argument("--diagonal-axes", help="comma-separated output axes to keep the diagonal of")
+    check.add_argument("--output", help="the model output's key or attribute (a path with dots: hidden_states.0)")
+    check.set_defaults(handler=_crosscheck)
     return parser
 
 

@@ -94,17 +94,19 @@ def _tree(model: Any, params: Any) -> tuple[dict, Any]:
         return _plain(nnx.to_pure_dict(state)), ("nnx", state)
     if params is None:
         raise TypeError("params= is required for a JAX function: the pytree of its parameters")
-    if not isinstance(params, Mapping):
+    if not isinstance(params, (Mapping, list, tuple)):
         raise TypeError(
-            f"transfer reads JAX parameters as nested dicts (flax, haiku) or an nnx module, got {type(params).__name__}"
+            "transfer reads JAX parameters as nested dicts and lists (flax, haiku) or an nnx module, "
+            f"got {type(params).__name__}"
         )
     return _plain(params), ("tree", params)
 
 
 def _plain(tree: Any) -> Any:
     """Nested dicts of float arrays (RNG keys and counters dropped)."""
-    if isinstance(tree, Mapping):
-        kept = {k: _plain(v) for k, v in tree.items()}
+    if isinstance(tree, (Mapping, list, tuple)):  # a list of layers: keyed by position
+        items = tree.items() if isinstance(tree, Mapping) else enumerate(tree)
+        kept = {k: _plain(v) for k, v in items}
         return {k: v for k, v in kept.items() if v is not None and not (isinstance(v, dict) and not v)}
     return tree if jnp.issubdtype(jnp.asarray(tree).dtype, jnp.floating) else None
 
@@ -210,4 +212,6 @@ def _rebuild(original: Any, tree: dict) -> Any:
     """``tree``'s values in ``original``'s container types (FrozenDict, haiku's dicts)."""
     if isinstance(original, Mapping):
         return type(original)({k: _rebuild(v, tree[k]) if k in tree else v for k, v in original.items()})
+    if isinstance(original, (list, tuple)):
+        return type(original)(_rebuild(v, tree[i]) if i in tree else v for i, v in enumerate(original))
     return tree

@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import itertools
 
-import numpy as np
 import pytest
 
 import ntkcore
@@ -122,3 +121,29 @@ def test_mismatches_name_both_layers(frameworks):
         ntkcore.transfer(torch_mlp, no_bias)
     with pytest.raises(ntkcore.TransferError, match=r"no transfer rule for layer 'model' \(Bilinear\)"):
         ntkcore.transfer(nn.Bilinear(2, 2, 2), torch_mlp)
+
+
+def test_crosscheck_command(frameworks, tmp_path, monkeypatch, capsys):
+    """``ntkcore crosscheck``: exit 0 when the models agree (after --transfer-from), 1 when they
+    differ, one-line errors for mistakes."""
+    from ntkcore.cli import main
+
+    (tmp_path / "ported.py").write_text(
+        "from tests.cross_backend import transfer_models as tm\n"
+        "net = tm.torch_model('mlp', 1, 'float32')\n"
+        "knet = tm.keras_model('mlp', 2, 'float32')\n"
+        "apply, variables = tm.flax_model('mlp', 3, 'float32')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    models = ["--model", "torch=ported:net", "--model", "keras=ported:knet", "--model", "jax=ported:apply"]
+    common = [*models, "--params", "jax=ported:variables", "--shape", "4,6"]
+    assert main(["crosscheck", *common]) == 1
+    assert "DIFFER" in capsys.readouterr().out
+    assert main(["crosscheck", *common, "--transfer-from", "torch", "--implementation", "all"]) == 0
+    out = capsys.readouterr().out
+    assert "AGREE" in out and "torch vs jax" in out
+    assert main(["crosscheck", *models, "--params", "flax=ported:variables", "--shape", "4,6"]) == 2
+    assert "--params names ['flax'], which no --model names" in capsys.readouterr().err
+    assert main(["crosscheck", "--model", "torch", "--shape", "4,6"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ntkcore: error: --model takes NAME=module:attribute") and err.count("\n") == 1
