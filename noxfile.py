@@ -46,7 +46,7 @@ def tests(session: nox.Session, backend: str) -> None:
 @nox.session
 def cross(session: nox.Session) -> None:
     """All three frameworks in one environment: the cross-framework agreement tests."""
-    _install(session, "all", "test", "bench")
+    _install(session, "all", "test", "bench", "test-jax-extras")  # flax: the transfer tests' JAX side
     session.run(
         "pytest", f"--backend={','.join(BACKENDS)}", "tests/cross_backend", "tests/core", *session.posargs, env=ENV
     )
