@@ -123,3 +123,36 @@ def test_empty_batch_inside_does_not_crash(keras):
     result = subprocess.run([sys.executable, "-c", _EMPTY_BATCH], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("(4, 0, 3, 3)") == len(ntkcore.implementations.REGISTRY), result.stdout
+
+
+def test_keras_application(keras):
+    """keras.applications.MobileNetV2 with weights=None (depthwise and pointwise convolutions,
+    eval-mode BatchNorm, ReLU6, residual adds) as users build it: every implementation against
+    TensorFlow's own float64 autodiff, and structured derivatives cover every parameter."""
+    import tensorflow as tf
+
+    from ntkcore.implementations import AUTO, REGISTRY
+    from ntkcore.testing import reference_kernel
+
+    before = keras.config.floatx()
+    keras.config.set_floatx("float64")
+    try:
+        keras.utils.set_random_seed(0)
+        model = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=3)
+    finally:
+        keras.config.set_floatx(before)
+    x = tf.constant(np.random.default_rng(0).normal(size=(2, 32, 32, 3)))
+    variables = model.trainable_variables
+    with tf.GradientTape(persistent=True) as tape:
+        out = model(x, training=False)
+    jac = tape.jacobian(out, variables, experimental_use_pfor=False)
+    expected = reference_kernel({str(i): j.numpy().reshape(2, 3, -1) for i, j in enumerate(jac)}, output_ndim=2)
+    for implementation in [*REGISTRY, AUTO]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            kernel = ntkcore.ntk(model, x, implementation=implementation).numpy()
+        fallback = [str(w.message) for w in caught if issubclass(w.category, ntkcore.StructuredFallbackWarning)]
+        assert not fallback, fallback
+        # float64 on both sides: 1e-9 of the largest entry is far above rounding (sums over 4e5
+        # parameters), far below a wrong or missing layer
+        np.testing.assert_allclose(kernel, expected, rtol=0, atol=1e-9 * np.abs(expected).max(), err_msg=implementation)
