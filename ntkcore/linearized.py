@@ -25,9 +25,10 @@ class Linearized:
     (its trainable parameters). ``lin.model(x, params)`` evaluates the original, nonlinear f.
     """
 
-    def __init__(self, model: Any, params: Any, backend: AutodiffBackend, output: Any = None) -> None:
+    def __init__(self, model: Any, params: Any, backend: AutodiffBackend, output: Any = None, **prepare: Any) -> None:
         self._model, self._backend = model, backend
-        self._prepared: PreparedModel = backend.prepare(model, params)
+        self._extra = {k: v for k, v in prepare.items() if v is not None}  # trainable=, state=: as given
+        self._prepared: PreparedModel = backend.prepare(model, params, **self._extra)
         if output is not None:
             check_output(output)
             self._prepared = dataclasses.replace(self._prepared, apply=selected_apply(self._prepared.apply, output))
@@ -60,7 +61,7 @@ class Linearized:
                 if not isinstance(params, Mapping) and self._backend.owns(params, None, ()):
                     point = dict(self._backend.prepare(params, None).params)  # a model of the same architecture
                 else:
-                    point = dict(self._backend.prepare(self._model, params).params)
+                    point = dict(self._backend.prepare(self._model, params, **self._extra).params)
             except (TypeError, ValueError) as error:
                 raise TypeError(
                     f"params: expected a map with the names {list(names)}, the model's parameters in the "
@@ -91,9 +92,18 @@ class Linearized:
         return self._prepared.apply(self._prepared.params if params is None else self._point(params), x)
 
 
-def linearize(model: Any, params: Any = None, *, backend: str | None = None, output: Any = None) -> Linearized:
+def linearize(
+    model: Any,
+    params: Any = None,
+    *,
+    backend: str | None = None,
+    output: Any = None,
+    state: Any = None,
+    trainable: Any = None,
+) -> Linearized:
     """The linearised model of ``model`` around ``params`` (θ₀; as :func:`ntkcore.ntk`'s
     ``params=``: a JAX pytree, or for torch/Keras optional replacement values), of the output
-    ``output=`` chooses (as for :func:`ntkcore.ntk`)."""
+    ``output=`` chooses; ``state=`` (a haiku ``transform_with_state`` model's state, constant)
+    and ``trainable=`` as for :func:`ntkcore.ntk`."""
     adapter = get_backend(backend) if backend is not None else detect_backend(model, params, ())
-    return Linearized(model, params, adapter, output)
+    return Linearized(model, params, adapter, output, state=state, trainable=trainable)

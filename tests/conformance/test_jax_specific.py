@@ -291,6 +291,18 @@ def test_haiku_models_as_users_apply_them(jax_zoo):
         for implementation in ("jacobian_contraction", "ntk_vector_products", "structured"):
             kernel = np.asarray(ntkcore.ntk(apply, x1, x2, params=p, implementation=implementation, **extra))
             np.testing.assert_allclose(kernel, expected, rtol=1e-10, atol=1e-12 * np.abs(expected).max())
+    lin = ntkcore.linearize(stateful.apply, sparams, state=state)  # the linearised model takes state= too
+    moved = jax.tree_util.tree_map(lambda a: a + 0.01, sparams)
+    f0 = stateful.apply(sparams, state, None, x1)[0]
+    _, tangent = jax.jvp(
+        lambda p: stateful.apply(p, state, None, x1)[0],
+        (sparams,),
+        (jax.tree_util.tree_map(lambda a: 0.01 + 0 * a, sparams),),
+    )
+    np.testing.assert_allclose(np.asarray(lin(x1, params=moved)), np.asarray(f0 + tangent), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        np.asarray(lin.model(x1, params=moved)), np.asarray(stateful.apply(moved, state, None, x1)[0]), rtol=1e-12
+    )
     with pytest.raises(TypeError, match="pass its state with state="):
         ntkcore.ntk(stateful.apply, x1, params=sparams)
     with pytest.raises(TypeError, match="state= is for a haiku transform_with_state"):
