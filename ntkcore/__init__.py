@@ -13,11 +13,22 @@ from .implementations import Implementation
 from .implementations.structured import StructuredFallbackWarning
 from .inputs import BatchCouplingError, ModelCallError
 from .kernel_fn import KernelFn
-from .linearized import Linearized, linearize
+from .linearized import Linearized, linearize, taylor_expand
+from .monte_carlo import monte_carlo
 from .operators import NTKOperator, ntk_operator
 from .outputs import OutputChoiceError
 from .planner import AutoFallbackWarning
-from .predict import Prediction, alignment, drift, gd_mse, kernel_drift, kernel_regression, max_learning_rate
+from .predict import (
+    Posterior,
+    Prediction,
+    alignment,
+    drift,
+    gd_mse,
+    gp_inference,
+    kernel_drift,
+    kernel_regression,
+    max_learning_rate,
+)
 from .protocol import AutodiffBackend, PreparedModel
 from .registry import get_backend, installed_backends, known_backends
 from .spectra import ConvergenceError, Spectrum, spectrum
@@ -41,6 +52,7 @@ __all__ = [
     "ModelCallError",
     "NTKOperator",
     "OutputChoiceError",
+    "Posterior",
     "Prediction",
     "PreparedModel",
     "Spectrum",
@@ -56,17 +68,20 @@ __all__ = [
     "flatten",
     "gd_mse",
     "get_backend",
+    "gp_inference",
     "installed_backends",
     "kernel_drift",
     "kernel_regression",
     "known_backends",
     "linearize",
     "max_learning_rate",
+    "monte_carlo",
     "nngp",
     "ntk",
     "ntk_fn",
     "ntk_from_jacobians",
     "ntk_operator",
     "spectrum",
+    "taylor_expand",
     "transfer",
 ]

@@ -1,14 +1,16 @@
-"""The linearised model f_lin(θ, x) = f(θ₀, x) + J(x)·(θ − θ₀), by one jvp per call.
+"""The linearised model f_lin(θ, x) = f(θ₀, x) + J(x)·(θ − θ₀), by one jvp per call, and the
+Taylor expansion of any degree, Σ_k D^k f(θ₀)[δ, …, δ] / k! with δ = θ − θ₀, by nested jvps.
 
-Training the linearised model is what NTK theory predicts; comparing it with the real model
-shows how far a network is from the lazy regime. It stays a callable of the model's own
-framework: its inputs and outputs are that framework's arrays.
+Training the linearised model is what NTK theory predicts; comparing it (or the quadratic
+expansion) with the real model shows how far a network is from the lazy regime. It stays a
+callable of the model's own framework: its inputs and outputs are that framework's arrays.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .outputs import check_output, selected_apply
@@ -25,8 +27,12 @@ class Linearized:
     (its trainable parameters). ``lin.model(x, params)`` evaluates the original, nonlinear f.
     """
 
-    def __init__(self, model: Any, params: Any, backend: AutodiffBackend, output: Any = None, **prepare: Any) -> None:
-        self._model, self._backend = model, backend
+    def __init__(
+        self, model: Any, params: Any, backend: AutodiffBackend, output: Any = None, degree: int = 1, **prepare: Any
+    ) -> None:
+        if isinstance(degree, bool) or not isinstance(degree, int) or degree < 0:
+            raise ValueError(f"degree must be an integer ≥ 0, got {degree!r}")
+        self._model, self._backend, self.degree = model, backend, degree
         self._extra = {k: v for k, v in prepare.items() if v is not None}  # trainable=, state=: as given
         self._prepared: PreparedModel = backend.prepare(model, params, **self._extra)
         if output is not None:
@@ -43,13 +49,23 @@ class Linearized:
         return dict(self._prepared.params)
 
     def _build(self) -> Any:
-        backend, apply = self._backend, self._prepared.apply
+        backend, apply, degree = self._backend, self._prepared.apply, self.degree
 
-        def linear(params0: Any, delta: Any, x: Any) -> Any:
-            out, tangent = backend.jvp(lambda p: apply(p, x), params0, delta)
-            return out + tangent
+        def along(fn: Callable, delta: Any) -> Callable:
+            return lambda p: backend.jvp(fn, p, delta)[1]
 
-        return linear
+        def expanded(params0: Any, delta: Any, x: Any) -> Any:
+            if degree == 1:  # one jvp gives f and its first-order term together
+                out, tangent = backend.jvp(lambda p: apply(p, x), params0, delta)
+                return out + tangent
+            term = lambda p: apply(p, x)  # noqa: E731 - D^k f along delta, built up by nesting jvps
+            total = term(params0)
+            for k in range(1, degree + 1):
+                term = along(term, delta)
+                total = total + term(params0) / math.factorial(k)
+            return total
+
+        return expanded
 
     def _point(self, params: Any) -> dict[str, Any]:
         """θ as a ``name -> array`` map of the trainable parameters."""
@@ -107,3 +123,20 @@ def linearize(
     and ``trainable=`` as for :func:`ntkcore.ntk`."""
     adapter = get_backend(backend) if backend is not None else detect_backend(model, params, ())
     return Linearized(model, params, adapter, output, state=state, trainable=trainable)
+
+
+def taylor_expand(
+    model: Any,
+    degree: int,
+    params: Any = None,
+    *,
+    backend: str | None = None,
+    output: Any = None,
+    state: Any = None,
+    trainable: Any = None,
+) -> Linearized:
+    """The Taylor expansion of ``model`` in its parameters around ``params`` (θ₀), to ``degree``:
+    ``f(x, params=θ)`` = Σ_{k ≤ degree} D^k f(θ₀, x)[θ − θ₀]^k / k!, by nested jvps (degree 1 is
+    :func:`linearize`; the cost grows as 2^degree forward passes). Options as for :func:`linearize`."""
+    adapter = get_backend(backend) if backend is not None else detect_backend(model, params, ())
+    return Linearized(model, params, adapter, output, degree, state=state, trainable=trainable)

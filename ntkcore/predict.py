@@ -1,5 +1,6 @@
 """Predictions from an empirical kernel: gradient-descent dynamics for MSE, kernel ridge
-regression, the largest stable learning rate, kernel–target alignment and kernel drift.
+regression, Gaussian-process inference, the largest stable learning rate, kernel–target
+alignment and kernel drift.
 
 Convention: training minimises L(θ) = ½ Σ_i ‖f(θ, x_i) − y_i‖² (a sum over training examples
 and outputs) by θ ← θ − η ∇L. For the linearised model the training outputs then follow
@@ -170,6 +171,50 @@ def kernel_regression(k_train: Any, y_train: Any, k_test_train: Any = None, *, d
         return xp.reshape(xp.matmul(matrix, alpha), y_shape)
     test = _test_matrix(xp, k_test_train, k_train)
     return xp.reshape(xp.matmul(test, alpha), (k_test_train.shape[0], *y_shape[1:]))
+
+
+class Posterior(NamedTuple):
+    """A Gaussian process posterior: ``mean`` shaped like the targets (M, *out); ``covariance``
+    (M, M) for a kernel shared by the outputs, (M, M, *out, *out) for a full one, or ``None``
+    when test points were given without ``k_test_test``."""
+
+    mean: Any
+    covariance: Any | None
+
+
+def _unflatten(xp: Any, matrix: Any, m: int, out: tuple[int, ...]) -> Any:
+    """An (M·O, M·O) matrix back to the kernel layout (M, M, *out, *out)."""
+    k = len(out)
+    blocks = xp.reshape(matrix, (m, *out, m, *out))
+    return xp.permute_dims(blocks, (0, 1 + k, *range(1, 1 + k), *range(2 + k, 2 + 2 * k)))
+
+
+def gp_inference(
+    k_train: Any, y_train: Any, k_test_train: Any = None, k_test_test: Any = None, *, diag_reg: float = 0.0
+) -> Posterior:
+    """The posterior of a Gaussian process whose prior covariance is the kernel (the NNGP kernel,
+    or the NTK: the NTK-GP's mean is the infinitely trained linearised network's prediction)
+    given targets observed with noise variance ``diag_reg``: mean K*ₜ (K + λI)⁻¹ y and covariance
+    K** − K*ₜ (K + λI)⁻¹ Kₜ*. Without test kernels, the posterior on the training inputs."""
+    if diag_reg < 0:
+        raise ValueError(f"diag_reg must be ≥ 0, got {diag_reg}")
+    xp, matrix = symmetric_matrix(k_train, "k_train")
+    targets, y_shape, shared = _targets(xp, matrix, k_train, y_train, "y_train")
+    regularised = matrix + diag_reg * xp.eye(matrix.shape[0], dtype=matrix.dtype) if diag_reg else matrix
+    test = matrix if k_test_train is None else _test_matrix(xp, k_test_train, k_train)
+    m = k_train.shape[0] if k_test_train is None else k_test_train.shape[0]
+    solved = xp.linalg.solve(regularised, xp.concat([targets, xp.permute_dims(test, (1, 0))], axis=1))
+    columns = targets.shape[1]
+    mean = xp.reshape(xp.matmul(test, solved[:, :columns]), (m, *y_shape[1:]))
+    if k_test_train is not None and k_test_test is None:
+        return Posterior(mean, None)
+    if k_test_test is None:
+        prior = matrix
+    else:
+        _check_shape(k_test_test, "k_test_test", (m, m, *tuple(k_train.shape[2:])))
+        prior = symmetric_matrix(k_test_test, "k_test_test")[1]
+    covariance = prior - xp.matmul(test, solved[:, columns:])
+    return Posterior(mean, covariance if shared else _unflatten(xp, covariance, m, tuple(y_shape[1:])))
 
 
 def max_learning_rate(k_train: Any) -> float:

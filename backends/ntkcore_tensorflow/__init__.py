@@ -126,10 +126,11 @@ def _prepare_keras(
         )
     kwargs = {"training": False} if getattr(model, "_call_has_training_arg", True) else {}
     recurrent = [layer for layer in _sublayers(model) if isinstance(layer, keras.layers.RNN)]
+    norms = [layer for layer in _sublayers(model) if _over_last_axis(keras, layer)]
 
     def apply(p: Mapping[str, Any], x: Any) -> Any:
         with keras.StatelessScope(state_mapping=[(v, p[name]) for name, v in zip(names, variables)]):
-            with _unrolled(recurrent):
+            with _unrolled(recurrent), _plain_layer_norms(norms):
                 return model(x, **kwargs)
 
     apply = _shared(apply, model, variables, names)
@@ -150,6 +151,48 @@ def _unrolled(layers: list) -> Iterator[None]:
     finally:
         for layer, unroll in zip(layers, before):
             layer.unroll = unroll
+
+
+def _layer_norm_call(layer: Any) -> Callable:
+    """``LayerNormalization`` over its last axis by its formula: TensorFlow's ``moments`` stops
+    the gradient through the mean, right for first derivatives, wrong for a jvp of a jvp (as
+    ``taylor_expand`` takes)."""
+
+    def call(inputs: Any) -> Any:
+        x = tf.cast(inputs, layer.compute_dtype)
+        if layer.rms_scaling:
+            y = x * tf.math.rsqrt(tf.reduce_mean(x * x, axis=-1, keepdims=True) + layer.epsilon)
+        else:
+            centred = x - tf.reduce_mean(x, axis=-1, keepdims=True)
+            y = centred * tf.math.rsqrt(tf.reduce_mean(centred * centred, axis=-1, keepdims=True) + layer.epsilon)
+        y = y if layer.gamma is None else y * layer.gamma
+        return y if layer.beta is None else y + layer.beta
+
+    return call
+
+
+def _over_last_axis(keras: Any, layer: Any) -> bool:
+    """A built ``LayerNormalization`` that normalises the last axis only."""
+    if type(layer) is not keras.layers.LayerNormalization or not layer.built:
+        return False
+    axis = list(layer.axis) if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+    shape = getattr(layer, "_build_shapes_dict", None) or {}
+    rank = len(next(iter(shape.values()))) if shape else None
+    return axis == [-1] or (rank is not None and axis == [rank - 1])
+
+
+@contextmanager
+def _plain_layer_norms(layers: list) -> Iterator[None]:
+    """Last-axis ``LayerNormalization`` layers run by :func:`_layer_norm_call` (one whose call is
+    patched already, by the capture, is left as it is)."""
+    patched = [layer for layer in layers if "call" not in layer.__dict__]
+    for layer in patched:
+        layer.call = _layer_norm_call(layer)
+    try:
+        yield
+    finally:
+        for layer in patched:
+            del layer.call
 
 
 def _prepare_module(model: tf.Module, params: Any, trainable: Callable[[str], bool] | None = None) -> PreparedModel:

@@ -152,6 +152,43 @@ def test_linearized_model(zoo, case):
     assert big < 1e-3 * float(np.abs(zoo.to_numpy(at_zero)).max())
 
 
+def test_taylor_expand_against_finite_differences(zoo):
+    """Each order's term T_k − T_{k−1} at θ0 + δ equals g^(k)(0)/k! for g(t) = f(θ0 + tδ), the
+    derivatives by central finite differences of the real model, on a smooth model (dense,
+    LayerNorm, tanh: a ReLU's kinks would break the differences). With |δ| = 0.5 and h = 1e-2
+    the differences' error is O((h·|δ|)²) ≈ 1e-5 of each term; 1e-3 leaves room for that."""
+    x1, _ = inputs("layernorm")
+    built = zoo.build("layernorm", DTYPE)
+    params = built.kwargs.get("params")
+    expansions = [ntkcore.taylor_expand(built.model, degree, params) for degree in range(4)]
+    x = zoo.to_native(x1, DTYPE)
+    rng = np.random.default_rng(4)
+    direction = {k: rng.normal(size=tuple(p.shape)) for k, p in expansions[0].params0.items()}
+    norm = np.sqrt(sum(float((d**2).sum()) for d in direction.values()))
+    direction = {k: 0.5 * d / norm for k, d in direction.items()}
+
+    def at(t: float) -> dict:
+        return {k: p + zoo.to_native(t * direction[k], DTYPE) for k, p in expansions[0].params0.items()}
+
+    h = 1e-2
+    g = {i: zoo.to_numpy(expansions[0].model(x, at(i * h))) for i in range(-2, 3)}
+    derivatives = [
+        g[0],
+        (g[1] - g[-1]) / (2 * h),
+        (g[1] - 2 * g[0] + g[-1]) / h**2,
+        (g[2] - 2 * g[1] + 2 * g[-1] - g[-2]) / (2 * h**3),
+    ]
+    values = [zoo.to_numpy(expansion(x, at(1.0))) for expansion in expansions]
+    np.testing.assert_allclose(values[0], g[0], rtol=1e-12)  # degree 0: f(θ0)
+    for k in range(1, 4):
+        term = derivatives[k] / math.factorial(k)
+        np.testing.assert_allclose(values[k] - values[k - 1], term, rtol=0, atol=1e-3 * np.abs(term).max(), err_msg=k)
+    lin = ntkcore.linearize(built.model, params)
+    np.testing.assert_allclose(values[1], zoo.to_numpy(lin(x, at(1.0))), rtol=1e-12)
+    with pytest.raises(ValueError, match="degree must be an integer ≥ 0"):
+        ntkcore.taylor_expand(built.model, -1, params)
+
+
 # -- predictions -----------------------------------------------------------------------------
 @pytest.mark.parametrize("traced", [False, True], ids=["full", "trace"])
 def test_gd_mse_at_infinity_is_kernel_regression(zoo, traced):

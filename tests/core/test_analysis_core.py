@@ -109,3 +109,26 @@ def test_argument_errors(problem):
         ntkcore.drift(k, k[:3, :3])
     with pytest.raises(TypeError, match="kernel must be an array"):
         ntkcore.spectrum([[1.0]])
+
+
+def test_gp_inference_is_the_gaussian_posterior(problem):
+    """Mean K*ₜ(K + λI)⁻¹y and covariance K** − K*ₜ(K + λI)⁻¹Kₜ*, against numpy, for a kernel
+    shared by the outputs and for the same kernel written in full (Θ ⊗ I)."""
+    k, y, k_test = problem
+    rng = np.random.default_rng(1)
+    joint = rng.normal(size=(9, 9))
+    joint = joint @ joint.T  # a prior over 6 training and 3 test points
+    k, k_test, k_tt = joint[:6, :6], joint[6:, :6], joint[6:, 6:]
+    inverse = np.linalg.inv(k + 0.3 * np.eye(6))
+    post = ntkcore.gp_inference(k, y, k_test, k_tt, diag_reg=0.3)
+    _close(post.mean, k_test @ inverse @ y, 1e-9)
+    _close(post.covariance, k_tt - k_test @ inverse @ k_test.T, 1e-9)
+    assert ntkcore.gp_inference(k, y, k_test, diag_reg=0.3).covariance is None
+    train = ntkcore.gp_inference(k, y, diag_reg=0.3)
+    _close(train.covariance, k - k @ inverse @ k, 1e-9)
+    full = lambda a: np.einsum("ij,ab->ijab", a, np.eye(2))  # noqa: E731
+    posterior = ntkcore.gp_inference(full(k), y, full(k_test), full(k_tt), diag_reg=0.3)
+    _close(posterior.mean, post.mean, 1e-9)
+    _close(posterior.covariance, full(post.covariance), 1e-9)
+    with pytest.raises(ValueError, match=r"k_test_test has shape \(2, 2\), expected \(3, 3\)"):
+        ntkcore.gp_inference(k, y, k_test, k_tt[:2, :2])

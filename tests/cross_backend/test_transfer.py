@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 
+import numpy as np
 import pytest
 
 import ntkcore
@@ -147,3 +148,30 @@ def test_crosscheck_command(frameworks, tmp_path, monkeypatch, capsys):
     assert main(["crosscheck", "--model", "torch", "--shape", "4,6"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ntkcore: error: --model takes NAME=module:attribute") and err.count("\n") == 1
+
+
+def test_monte_carlo_is_the_average_over_initialisations(frameworks):
+    """ntkcore.monte_carlo over freshly built models equals the explicit mean of their kernels, in
+    every framework; an iterable n_samples yields the running averages."""
+    x = tm.inputs("mlp")
+    factories = {
+        "torch": lambda seed: tm.torch_model("mlp", seed, "float64"),
+        "keras": lambda seed: tm.keras_model("mlp", seed, "float64"),
+        "jax": lambda seed: tm.flax_model("mlp", seed, "float64"),
+    }
+    for name, factory in factories.items():
+        backend = ntkcore.get_backend("tensorflow" if name == "keras" else name)
+        kernels = []
+        for seed in (5, 6, 7):
+            built = factory(seed)
+            model, params = built if isinstance(built, tuple) else (built, None)
+            kernels.append(backend.to_numpy(ntkcore.ntk(model, x, params=params, trace_axes=(-1,))))
+        mean = ntkcore.monte_carlo(factory, x, n_samples=3, seed=5, trace_axes=(-1,))
+        np.testing.assert_allclose(backend.to_numpy(mean), np.mean(kernels, axis=0), rtol=1e-12, err_msg=name)
+        running = [
+            backend.to_numpy(k) for k in ntkcore.monte_carlo(factory, x, n_samples=[1, 3], seed=5, trace_axes=(-1,))
+        ]
+        np.testing.assert_allclose(running[0], kernels[0], rtol=1e-12)
+        np.testing.assert_allclose(running[1], np.mean(kernels, axis=0), rtol=1e-12)
+    with pytest.raises(ValueError, match="n_samples must be positive"):
+        ntkcore.monte_carlo(factories["torch"], x, n_samples=0)
