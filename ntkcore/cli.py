@@ -289,6 +289,11 @@ def _parser() -> argparse.ArgumentParser:
         "--no-verify", action="store_true", help="trust an existing --out's finished tiles (skip their checksums)"
     )
     compute.set_defaults(handler=_compute)
+    _add_crosscheck(commands)
+    return parser
+
+
+def _add_crosscheck(commands: Any) -> None:
     check = commands.add_parser(
         "crosscheck", help="one architecture in several frameworks: outputs and kernels compared (exit 1: they differ)"
     )
@@ -304,7 +309,6 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--diagonal-axes", help="comma-separated output axes to keep the diagonal of")
     check.add_argument("--output", help="the model output's key or attribute (a path with dots: hidden_states.0)")
     check.set_defaults(handler=_crosscheck)
-    return parser
 
 
 if __name__ == "__main__":

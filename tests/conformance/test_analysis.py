@@ -190,6 +190,27 @@ def test_taylor_expand_against_finite_differences(zoo):
 
 
 # -- predictions -----------------------------------------------------------------------------
+def test_gradient_descent_with_a_loss_function(zoo):
+    """A loss written with the framework's own arrays is differentiated by the framework: ½‖f − y‖²
+    as a function gives gd_mse's gradient flow."""
+    from ntkcore._xp import namespace_of
+
+    x1, _ = inputs("mlp")
+    built = zoo.build("mlp", DTYPE)
+    k = ntkcore.ntk(built.model, zoo.to_native(x1, DTYPE), trace_axes=(-1,), **built.kwargs)
+    y = zoo.to_native(np.random.default_rng(0).normal(size=(k.shape[0], 3)), DTYPE)
+    eta = 0.5 * ntkcore.max_learning_rate(k) / 2
+
+    def loss(f, target):
+        return namespace_of(f).sum((f - target) ** 2) / 2
+
+    got = ntkcore.gradient_descent(loss, k, y, 3.0, learning_rate=eta)
+    assert zoo.is_native(got.train, DTYPE)
+    expected = ntkcore.gd_mse(k, y, 3.0, learning_rate=eta).train
+    expected = zoo.to_numpy(expected)  # RK4 at a tenth of its stability bound: ~1e-6 of the largest entry
+    np.testing.assert_allclose(zoo.to_numpy(got.train), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
 @pytest.mark.parametrize("traced", [False, True], ids=["full", "trace"])
 def test_gd_mse_at_infinity_is_kernel_regression(zoo, traced):
     x1, x2 = inputs("mlp")

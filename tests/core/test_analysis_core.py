@@ -132,3 +132,57 @@ def test_gp_inference_is_the_gaussian_posterior(problem):
     _close(posterior.covariance, full(post.covariance), 1e-9)
     with pytest.raises(ValueError, match=r"k_test_test has shape \(2, 2\), expected \(3, 3\)"):
         ntkcore.gp_inference(k, y, k_test, k_tt[:2, :2])
+
+
+def _euler(rate, state, t, dt=1e-3):
+    """Explicit steps of the same dynamics, small enough to stand for the flow (error O(dt))."""
+    for _ in range(round(t / dt)):
+        state = [s + dt * r for s, r in zip(state, rate(state))]
+    return state
+
+
+def test_gradient_descent_for_mse_is_gd_mse(problem):
+    k, y, k_test = problem
+    eta = 0.5 / np.linalg.eigvalsh(k).max()
+    flow = ntkcore.gradient_descent("mse", k, y, [3.0, 0.0, 10.0], k_test_train=k_test, learning_rate=eta)
+    closed = ntkcore.gd_mse(k, y, [3.0, 0.0, 10.0], k_test_train=k_test, learning_rate=eta)
+    # RK4 at a tenth of its stability bound: ~1e-6 relative error, against the exact exponential
+    _close(flow.train, closed.train, 1e-5)
+    _close(flow.test, closed.test, 1e-5)
+
+
+def test_gradient_descent_cross_entropy_and_momentum_against_explicit_steps(problem):
+    k, _, k_test = problem
+    rng = np.random.default_rng(2)
+    labels = np.eye(2)[rng.integers(0, 2, size=6)]
+    eta = 0.5 / np.linalg.eigvalsh(k).max()
+
+    def softmax(f):
+        e = np.exp(f - f.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+
+    def flow(state):  # df/dt = −η Θ (softmax(f) − y), for train and test
+        g = softmax(state[0]) - labels
+        return [-eta * k @ g, -eta * k_test @ g]
+
+    expected = _euler(flow, [np.zeros((6, 2)), np.zeros((3, 2))], 4.0)
+    got = ntkcore.gradient_descent("cross_entropy", k, labels, 4.0, k_test_train=k_test, learning_rate=eta)
+    _close(got.train, expected[0], 2e-3)
+    _close(got.test, expected[1], 2e-3)
+
+    def heavy_ball(state):  # df/dt = u, du/dt = −(1 − m) u − η Θ ∇L
+        f, f_test, u, u_test = state
+        g = softmax(f) - labels
+        return [u, u_test, -(1 - 0.9) * u - eta * k @ g, -(1 - 0.9) * u_test - eta * k_test @ g]
+
+    zeros = [np.zeros((6, 2)), np.zeros((3, 2))]
+    expected = _euler(heavy_ball, zeros + zeros, 4.0)
+    got = ntkcore.gradient_descent(
+        "cross_entropy", k, labels, 4.0, k_test_train=k_test, learning_rate=eta, momentum=0.9
+    )
+    _close(got.train, expected[0], 2e-3)
+    _close(got.test, expected[1], 2e-3)
+    with pytest.raises(TypeError, match="differentiated by the kernel's framework"):
+        ntkcore.gradient_descent(lambda f, y: ((f - y) ** 2).sum(), k, labels, 1.0)
+    with pytest.raises(ValueError, match="momentum must be in"):
+        ntkcore.gradient_descent("mse", k, labels, 1.0, momentum=1.0)
