@@ -1,6 +1,7 @@
 """One model written in several frameworks, checked against itself: outputs and kernels of each,
-in one process, compared pair by pair; where kernels differ, the per-layer kernels name the
-first layer whose contribution differs.
+in one process, compared pair by pair; where they differ, the models' layers are compared in
+call order (each layer's output and its per-layer kernel), naming the first layer whose output
+differs.
 
 Differences are relative to the larger of the two arrays' largest entries (max |a - b| / max
 |a|, |b|), so one number reads the same for outputs and kernels of any scale.
@@ -166,7 +167,7 @@ def _layer_outputs(kernel: Any, x: np.ndarray) -> list[tuple[str, np.ndarray]] |
     backend, prepared = kernel.backend, kernel.prepared
     like = next(iter(prepared.params.values()))
     try:
-        capture = kernel._planner.capture(backend.asarray(x[:1], like=like), warn=False)
+        capture = kernel.capture(backend.asarray(x[:1], like=like))
     except Exception:  # no capture: nothing to localise with
         return None
     xp, device = backend.namespace(like), device_of(like)
@@ -196,8 +197,9 @@ def crosscheck(
     ``models``: name -> a model, or ``(apply, params)`` for a JAX function. ``x1``, ``x2``:
     inputs as numpy (or any framework's) arrays, given to each model in its own framework.
     ``implementation="all"`` also checks every implementation against the others within each
-    framework. ``rtol`` defaults to 1e-4 when any model is float32, else 1e-9. When kernels differ,
-    the per-layer kernels, aligned in call order, name the first layer whose contribution differs.
+    framework. ``rtol`` defaults to 1e-4 when any model is float32, else 1e-9. When the models
+    differ, their layers are compared in call order (outputs on the first examples, per-layer
+    kernels), and the report names the first layer whose output differs.
     """
     if len(models) < 1:
         raise ValueError("models must name at least one model")

@@ -190,6 +190,11 @@ class KernelFn:
         """Every candidate implementation's predicted cost on these (checked) inputs."""
         return self._planner.survey(x1, x2, out_shape, axes)[0]
 
+    def capture(self, x1: Any) -> Any:
+        """The adapter's layer capture of the model on a batch of one (cached; no warning)."""
+        self._prepare((x1,)) if self._prepared is None else None
+        return self._planner.capture(x1, warn=False)
+
     def explain(self, x1: Any, x2: Any = None) -> Explanation:
         """What a call on these inputs would do, predicted with nothing computed or compiled:
         FLOPs, peak bytes and time of every implementation, the choice, each layer's rule."""

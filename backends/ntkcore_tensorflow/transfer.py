@@ -84,7 +84,9 @@ def _walk(layer: Any) -> Iterator[tuple[Any, str, dict]]:
     found = _table(layer)
     if found is not None:
         kind, roles = found
-        yield layer, kind, {r: v for r, v in roles.items() if getattr(layer, v[0], None) is not None}
+        roles = {r: v for r, v in roles.items() if getattr(layer, v[0], None) is not None}
+        if roles:  # a norm without scale and shift has nothing to transfer, as in torch
+            yield layer, kind, roles
         return
     children = [c for c in layer._flatten_layers(include_self=False, recursive=False)]
     if children:

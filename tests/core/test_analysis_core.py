@@ -171,7 +171,7 @@ def test_gradient_descent_cross_entropy_and_momentum_against_explicit_steps(prob
     _close(got.test, expected[1], 2e-3)
 
     def heavy_ball(state):  # df/dt = u, du/dt = −(1 − m) u − η Θ ∇L
-        f, f_test, u, u_test = state
+        f, _, u, u_test = state
         g = softmax(f) - labels
         return [u, u_test, -(1 - 0.9) * u - eta * k @ g, -(1 - 0.9) * u_test - eta * k_test @ g]
 
