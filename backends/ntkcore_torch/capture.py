@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -303,15 +303,16 @@ def capture(prepared: PreparedModel, x: torch.Tensor) -> Capture:
     recorded = {key.rpartition("#")[0] for key in recorder.shapes}
     # a candidate without a broadcast use is its module's own computation: no rule, as before
     unsupported = sorted({candidates[n] for n in candidates if n not in recorded or n in audit.outside})
-    shapes = {k: s for k, s in recorder.shapes.items() if k.rpartition("#")[0] not in audit.outside}
-    layers = {n: n for n in candidates if n in recorded and n not in audit.outside}
+    dropped = audit.outside & set(candidates)  # candidates also used otherwise: their calls are not kept
+    shapes = {k: s for k, s in recorder.shapes.items() if k.rpartition("#")[0] not in dropped}
+    layers = {n: n for n in candidates if n in recorded and n not in dropped}
 
     def apply_probed(p: Mapping[str, torch.Tensor], probes: Mapping[str, torch.Tensor], batch: torch.Tensor) -> tuple:
         probed = CallRecorder(probes)
-        names = {id(t): n for n, t in p.items()}
-        with patched(lambda patches: _install(patches, modules, table, probed, ParameterAudit({}))):
-            with _Audit(ParameterAudit({}), names, layers, probed):
-                return call(p, batch), probed.inputs
+        # the function mode sees every operation: installed only where a broadcast call is to be probed
+        mode = _Audit(ParameterAudit({}), {id(t): n for n, t in p.items()}, layers, probed) if layers else nullcontext()
+        with patched(lambda patches: _install(patches, modules, table, probed, ParameterAudit({}))), mode:
+            return call(p, batch), probed.inputs
 
     return build_capture(
         table,
