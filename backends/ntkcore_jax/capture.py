@@ -29,6 +29,8 @@ from ntkcore.protocol import LAYER_OUTPUT, Capture, LayerUse, PreparedModel
 
 _VIEWS = {"reshape", "transpose", "convert_element_type", "copy", "copy_p"}
 _CALLS = {"pjit", "jit", "closed_call", "core_call"}
+# scans stepped through during the capture: each step is traced, so longer ones fall back (exact)
+SCAN_STEPS = 256
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,14 @@ class _Walker:
                         origins[var] = origin
                 continue
             if name == "scan" and all(k < eqn.params["num_consts"] for k, _ in found):
-                self._scan(eqn, found, here)
+                if eqn.params["length"] <= SCAN_STEPS:
+                    self._scan(eqn, found, here)
+                    continue
+                for _, origin in found:
+                    self.excluded.setdefault(
+                        origin.name,
+                        f"is read by a scan of {eqn.params['length']} steps (stepped through up to {SCAN_STEPS})",
+                    )
                 continue
             if name in _VIEWS and len(found) == 1:
                 origin = found[0][1]
