@@ -126,21 +126,24 @@ def test_empty_batch_inside_does_not_crash(keras):
 
 
 def test_keras_application(keras):
-    """keras.applications.MobileNetV2 with weights=None (depthwise and pointwise convolutions,
-    eval-mode BatchNorm, ReLU6, residual adds) as users build it: every implementation against
+    """keras.applications.MobileNet with weights=None (depthwise and pointwise convolutions,
+    eval-mode BatchNorm, ReLU6, dropout in inference mode) as users build it: every implementation against
     TensorFlow's own float64 autodiff, and structured derivatives cover every parameter."""
     import tensorflow as tf
 
     from ntkcore.implementations import AUTO, REGISTRY
     from ntkcore.testing import reference_kernel
 
-    before = keras.config.floatx()
+    before = keras.config.floatx(), keras.config.dtype_policy()
     keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")  # the layers read the global policy (another test may have set one)
     try:
         keras.utils.set_random_seed(0)
-        model = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=3)
+        model = keras.applications.MobileNet(input_shape=(32, 32, 3), alpha=0.25, weights=None, classes=3)
     finally:
-        keras.config.set_floatx(before)
+        keras.config.set_floatx(before[0])
+        keras.config.set_dtype_policy(before[1])
+    assert all(v.dtype == "float64" for v in model.weights)
     x = tf.constant(np.random.default_rng(0).normal(size=(2, 32, 32, 3)))
     variables = model.trainable_variables
     with tf.GradientTape(persistent=True) as tape:
