@@ -20,6 +20,19 @@ import numpy as np
 from .registry import detect_backend
 
 
+def from_channels_last(kernel: np.ndarray) -> np.ndarray:
+    """A convolution kernel (*kernel, in / groups, out) — Keras', flax's, haiku's — in the
+    canonical layout (out, in / groups, *kernel)."""
+    nd = kernel.ndim - 2
+    return np.transpose(kernel, (nd + 1, nd, *range(nd)))
+
+
+def to_channels_last(weight: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`from_channels_last`."""
+    nd = weight.ndim - 2
+    return np.transpose(weight, (*range(2, nd + 2), 1, 0))
+
+
 class TransferError(ValueError):
     """The two models' layers do not correspond: a count, a kind or a shape differs."""
 

@@ -18,19 +18,9 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from ntkcore.transfer import TransferError, TransferLayer
+from ntkcore.transfer import TransferError, TransferLayer, from_channels_last, to_channels_last
 
 _STATS = "batch_stats"
-
-
-def _conv_to(kernel: np.ndarray) -> np.ndarray:
-    nd = kernel.ndim - 2
-    return np.transpose(kernel, (nd + 1, nd, *range(nd)))
-
-
-def _conv_from(weight: np.ndarray) -> np.ndarray:
-    nd = weight.ndim - 2
-    return np.transpose(weight, (*range(2, nd + 2), 1, 0))
 
 
 # key sets -> (kind, role -> key); a "matrix" weight is dense (in, out) when 2-D, else a
@@ -151,7 +141,7 @@ def _canonical(kind: str, roles: dict, node: Mapping) -> tuple[str, dict[str, np
         return "dense", arrays
     if kind in ("matrix", "factor_u", "factor_v"):
         weight = arrays["weight"]
-        arrays["weight"] = weight.T if weight.ndim == 2 else _conv_to(weight)
+        arrays["weight"] = weight.T if weight.ndim == 2 else from_channels_last(weight)
         return ("dense" if weight.ndim == 2 else "conv"), arrays
     return kind, arrays
 
@@ -186,7 +176,9 @@ def assign(model: Any, params: Any, values: Mapping[str, Mapping[str, np.ndarray
             value = new[role]
             if role == "weight":  # dense and attention output: transposed (and split into heads); conv: moved
                 shape = np.shape(node[key])
-                value = _conv_from(value) if len(shape) > 2 and kind != "attention_out" else value.T.reshape(shape)
+                value = (
+                    to_channels_last(value) if len(shape) > 2 and kind != "attention_out" else value.T.reshape(shape)
+                )
             place = stats if role in ("mean", "var") else root
             _set(place, path, key, value)
     if how == "nnx":

@@ -11,23 +11,13 @@ from typing import Any
 import keras
 import numpy as np
 
-from ntkcore.transfer import TransferError, TransferLayer
+from ntkcore.transfer import TransferError, TransferLayer, from_channels_last, to_channels_last
 
 _L = keras.layers
 
 
 def _dense_to(kernel: np.ndarray) -> np.ndarray:
     return kernel.T
-
-
-def _conv_to(kernel: np.ndarray) -> np.ndarray:
-    nd = kernel.ndim - 2
-    return np.transpose(kernel, (nd + 1, nd, *range(nd)))
-
-
-def _conv_from(weight: np.ndarray) -> np.ndarray:
-    nd = weight.ndim - 2
-    return np.transpose(weight, (*range(2, nd + 2), 1, 0))
 
 
 def _depthwise_to(kernel: np.ndarray) -> np.ndarray:
@@ -48,7 +38,7 @@ def _depthwise_from(shape: tuple[int, ...]) -> Callable[[np.ndarray], np.ndarray
 
 _IDENTITY = (lambda a: a, lambda a: a)
 _DENSE = (_dense_to, _dense_to)
-_CONV = (_conv_to, _conv_from)
+_CONV = (from_channels_last, to_channels_last)
 
 
 def _table(layer: Any) -> tuple[str, dict[str, tuple[str, tuple]]] | None:
