@@ -24,6 +24,18 @@ BACKENDS = {
     for name in runpy.run_path("ntkcore/builtin_backends.py")["BUILTIN"]
 }
 ENV = {"PYTHONHASHSEED": "0", "TF_CPP_MIN_LOG_LEVEL": "2"}
+# The suites run on pytest-xdist workers, one per core (CI has 2), each framework confined to one
+# thread: two workers whose frameworks both spread over every core slow each other down many
+# times over (torch's threads above all), while most of the suite's time is single-threaded
+# tracing and compiling, which parallel workers halve.
+WORKERS = ["-n", "2"]
+ONE_THREAD = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "TF_NUM_INTRAOP_THREADS": "1",
+    "TF_NUM_INTEROP_THREADS": "1",
+    "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+}
 # neural-tangents 0.6.5 and what it works with (newer JAX breaks its import or its structured derivatives).
 ANCHOR = ["neural-tangents==0.6.5", "jax==0.4.25", "jaxlib==0.4.25", "numpy<2", "tf2jax==0.3.6", "tensorflow<2.18"]
 
@@ -40,15 +52,16 @@ def tests(session: nox.Session, backend: str) -> None:
     """The whole suite against one framework, in its own environment."""
     extras, groups = BACKENDS[backend]
     _install(session, extras, "test", *groups)
-    session.run("pytest", f"--backend={backend}", *session.posargs, env=ENV)
+    session.run("pytest", *WORKERS, f"--backend={backend}", *session.posargs, env={**ENV, **ONE_THREAD})
 
 
 @nox.session
 def cross(session: nox.Session) -> None:
     """All three frameworks in one environment: the cross-framework agreement tests."""
     _install(session, "all", "test", "bench", "test-jax-extras")  # flax: the transfer tests' JAX side
+    backends = f"--backend={','.join(BACKENDS)}"
     session.run(
-        "pytest", f"--backend={','.join(BACKENDS)}", "tests/cross_backend", "tests/core", *session.posargs, env=ENV
+        "pytest", *WORKERS, backends, "tests/cross_backend", "tests/core", *session.posargs, env={**ENV, **ONE_THREAD}
     )
 
 

@@ -106,10 +106,27 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def one(name: str, implementation: str, repeats: int) -> dict:
-    """Time one implementation on one model in this process."""
+def timed(call: Any, repeats: int) -> dict:
+    """The first call's seconds, the median of ``repeats`` later calls and the peak RSS above the
+    level before them (warnings silenced)."""
     import warnings
 
+    base = _rss_mb()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        start = time.perf_counter()
+        call()
+        first = time.perf_counter() - start
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+    return {"first_s": first, "seconds": statistics.median(times), "peak_mb": _rss_mb() - base}
+
+
+def one(name: str, implementation: str, repeats: int) -> dict:
+    """Time one implementation on one model in this process."""
     import torch
 
     import ntkcore
@@ -119,27 +136,29 @@ def one(name: str, implementation: str, repeats: int) -> dict:
     explanation = ntkcore.explain(model, x, **options)
     params = sum(layer.params for layer in explanation.layers)
     covered = sum(layer.params for layer in explanation.layers if not layer.rule.startswith("exact"))
-    base = _rss_mb()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        start = time.perf_counter()
-        ntkcore.ntk(model, x, implementation=implementation, **options)
-        first = time.perf_counter() - start
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            ntkcore.ntk(model, x, implementation=implementation, **options)
-            times.append(time.perf_counter() - start)
+    figures = timed(lambda: ntkcore.ntk(model, x, implementation=implementation, **options), repeats)
     return {
         "model": name,
         "implementation": implementation,
-        "first_s": first,
-        "seconds": statistics.median(times),
-        "peak_mb": _rss_mb() - base,
+        **figures,
         "auto_choice": explanation.choice,
         "params": sum(int(p.numel()) for p in model.parameters()),
         "structured_share": covered / max(params, 1),
     }
+
+
+def in_child(code: str, row: dict, timeout: float) -> dict:
+    """The JSON row the Python ``code`` prints last, run in a process of its own (a peak or an
+    out-of-memory kill is its own); ``row`` with an ``error`` when it fails or runs too long."""
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**row, "error": f"stopped after {timeout:.0f} s"}
+    if done.returncode != 0:
+        errors = [line for line in done.stderr.splitlines() if "Error: " in line] or done.stderr.splitlines()[-1:]
+        why = "killed (out of memory?)" if done.returncode < 0 else errors[-1].split(". ")[0][:240]
+        return {**row, "error": why}
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _child(name: str, implementation: str, repeats: int, timeout: float) -> dict:
@@ -147,15 +166,7 @@ def _child(name: str, implementation: str, repeats: int, timeout: float) -> dict
         "import json; from benchmarks import realistic as r; "
         f"print(json.dumps(r.one({name!r}, {implementation!r}, {repeats})))"
     )
-    try:
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"model": name, "implementation": implementation, "error": f"stopped after {timeout:.0f} s"}
-    if done.returncode != 0:
-        errors = [line for line in done.stderr.splitlines() if "Error: " in line] or done.stderr.splitlines()[-1:]
-        why = "killed (out of memory?)" if done.returncode < 0 else errors[-1].split(". ")[0][:240]
-        return {"model": name, "implementation": implementation, "error": why}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return in_child(code, {"model": name, "implementation": implementation}, timeout)
 
 
 def markdown(rows: list[dict], command: str) -> str:

@@ -4,7 +4,7 @@ The core imports no framework: the adapter for a call is chosen from the model a
 (``backend=`` names it explicitly) and imported only then.
 """
 
-from .api import explain, flatten, nngp, ntk, ntk_fn, ntk_from_jacobians
+from .api import SketchedKernel, explain, flatten, nngp, ntk, ntk_fn, ntk_from_jacobians, sketched_ntk
 from .axes import KernelAxes
 from .crosscheck import CrosscheckReport, crosscheck
 from .explain import Explanation, MemoryBudgetError
@@ -56,6 +56,7 @@ __all__ = [
     "Posterior",
     "Prediction",
     "PreparedModel",
+    "SketchedKernel",
     "Spectrum",
     "StoreLockedError",
     "StoreMismatchError",
@@ -83,6 +84,7 @@ __all__ = [
     "ntk_fn",
     "ntk_from_jacobians",
     "ntk_operator",
+    "sketched_ntk",
     "spectrum",
     "taylor_expand",
     "transfer",

@@ -6,16 +6,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._xp import namespace_of
 from .axes import KernelAxes
 from .contraction import contract, jacobian_shapes
 from .explain import Explanation
-from .implementations import Implementation
+from .implementations import Implementation, Sketch
 from .kernel_fn import KernelFn
 
 Axes = int | Sequence[int]
+
+
+class SketchedKernel(NamedTuple):
+    """:func:`sketched_ntk`'s result: the estimate and its standard error (same shape)."""
+
+    kernel: Any
+    standard_error: Any
 
 
 def ntk_fn(
@@ -36,6 +43,11 @@ def ntk_fn(
     progress: bool | None = None,
     executor: Any = None,
     per_layer: bool = False,
+    reduce_readout: bool | None = None,
+    sketch_dim: int | None = None,
+    seed: int = 0,
+    sketch_blocks: int = 8,
+    sketch_kronecker: bool = False,
 ) -> KernelFn:
     """A reusable ``kernel(x1, x2=None)`` computing the empirical NTK of ``model``.
 
@@ -60,6 +72,8 @@ def ntk_fn(
         progress=progress,
         executor=executor,
         per_layer=per_layer,
+        reduce_readout=reduce_readout,
+        sketch=None if sketch_dim is None else Sketch(sketch_dim, seed, sketch_blocks, sketch_kronecker),
     )
 
 
@@ -86,6 +100,12 @@ def ntk(
     overwrite: bool = False,
     verify: bool = True,
     per_layer: bool = False,
+    reduce_readout: bool | None = None,
+    sketch_dim: int | None = None,
+    seed: int = 0,
+    sketch_blocks: int = 8,
+    sketch_kronecker: bool = False,
+    model_kwargs: Any = None,
 ) -> Any:
     """The empirical NTK Θ(x1, x2) = J(x1)·J(x2)ᵀ, J = ∂f/∂θ over trainable parameters θ.
 
@@ -135,6 +155,21 @@ def ntk(
             ``"fc1"`` for ``"fc1.weight"``), or the parameter itself. Structured derivatives
             and Jacobian contraction give them at the cost of the kernel; NTK-vector products
             take one pass per layer. Not with tiling (``batch_size``, ``out``, ``executor``).
+        reduce_readout: where the model ends in a linear layer wider than its input (logits over
+            a vocabulary), an implementation may differentiate that input h and add the readout
+            exactly, Θ = A·Θ_h·Aᵀ + (h1·h2 + 1)·I (:mod:`ntkcore.readout`): ``None`` (default)
+            where the cost model predicts it cheaper, ``True`` always, ``False`` never (the
+            general path: the same kernel, at the cost of every output). ``explain`` says which.
+        sketch_dim, seed, sketch_blocks: with ``implementation="sketch"``, an unbiased random
+            estimate instead of the exact kernel: Θ ≈ (J·R)(J·R)ᵀ/k for a P×k Rademacher matrix R
+            (k = ``sketch_dim`` forward-mode products of the batch, J never formed; error ∝ 1/√k),
+            the same R for a given ``seed`` (so tiles and stores hold one sketch). Never chosen by
+            ``"auto"``; :func:`sketched_ntk` gives its standard error too. ``sketch_kronecker``:
+            columns s⊗r per dense layer and embedding from the layer capture (tokens × (F + in)
+            per column and layer instead of F × in, after N·O backward passes).
+        model_kwargs: keyword arguments of the model's calls: a map shared by every call
+            (``{"deterministic": True}``), or a pair ``(kw1, kw2)`` of maps of per-example arrays
+            for x1's and x2's examples (padding masks; ``kw2=None`` with ``x2=None``).
 
     Returns:
         An array of the model's framework, dtype and device, of shape (N1, N2, *out, *out)
@@ -158,8 +193,43 @@ def ntk(
         progress=progress,
         executor=executor,
         per_layer=per_layer,
+        reduce_readout=reduce_readout,
+        sketch_dim=sketch_dim,
+        seed=seed,
+        sketch_blocks=sketch_blocks,
+        sketch_kronecker=sketch_kronecker,
     )
-    return fn(x1, x2, out=out, overwrite=overwrite, verify=verify)
+    return fn(x1, x2, out=out, overwrite=overwrite, verify=verify, model_kwargs=model_kwargs)
+
+
+def sketched_ntk(
+    model: Any,
+    x1: Any,
+    x2: Any = None,
+    *,
+    sketch_dim: int,
+    seed: int = 0,
+    sketch_blocks: int = 8,
+    sketch_kronecker: bool = False,
+    **options: Any,
+) -> SketchedKernel:
+    """The sketched NTK (``implementation="sketch"``) and its standard error, entry by entry.
+
+    The k = ``sketch_dim`` random projections are split into ``sketch_blocks`` independent
+    groups; their estimates average to the kernel and their spread estimates its error (the
+    true kernel lies within ±2 standard errors of most entries). ``options`` are those of
+    :func:`ntk_fn` (axes, ``params=``, ``output=``, ...).
+    """
+    fn = ntk_fn(
+        model,
+        implementation="sketch",
+        sketch_dim=sketch_dim,
+        seed=seed,
+        sketch_blocks=sketch_blocks,
+        sketch_kronecker=sketch_kronecker,
+        **options,
+    )
+    return SketchedKernel(*fn.sketch_with_error(x1, x2))
 
 
 def explain(
@@ -178,6 +248,8 @@ def explain(
     output: Any = None,
     trainable: Any = None,
     memory_budget: float | str | None = None,
+    reduce_readout: bool | None = None,
+    model_kwargs: Any = None,
 ) -> Explanation:
     """What :func:`ntk` would do with the same arguments, without computing or compiling it.
 
@@ -199,8 +271,9 @@ def explain(
         output=output,
         trainable=trainable,
         memory_budget=memory_budget,
+        reduce_readout=reduce_readout,
     )
-    return fn.explain(x1, x2)
+    return fn.explain(x1, x2, model_kwargs=model_kwargs)
 
 
 def nngp(
@@ -221,6 +294,7 @@ def nngp(
     out: Any = None,
     overwrite: bool = False,
     progress: bool | None = None,
+    model_kwargs: Any = None,
 ) -> Any:
     """The empirical NNGP kernel f(x1)·f(x2)ᵀ, with the axis conventions of :func:`ntk`."""
     fn = KernelFn(
@@ -238,7 +312,7 @@ def nngp(
         batch_size=batch_size,
         progress=progress,
     )
-    return fn(x1, x2, out=out, overwrite=overwrite)
+    return fn(x1, x2, out=out, overwrite=overwrite, model_kwargs=model_kwargs)
 
 
 def ntk_from_jacobians(

@@ -16,6 +16,14 @@ def device_of(x: Any) -> Any:
         return None
 
 
+def zeros(xp: Any, shapes: Any, like: Any) -> dict[str, Any]:
+    """``name -> zeros`` of each shape in ``shapes`` (a map), in ``like``'s dtype and device: the
+    probes that leave a captured model's output unchanged."""
+    device = device_of(like)
+    kwargs = {} if device is None else {"device": device}
+    return {k: xp.zeros(shape, dtype=like.dtype, **kwargs) for k, shape in shapes.items()}
+
+
 def output_basis(xp: Any, out: Any) -> Any:
     """The standard basis of ``out``'s space, shape ``(out.size, *out.shape)``, same dtype/device."""
     size = math.prod(out.shape)

@@ -57,5 +57,7 @@ def _build(call: KernelCall, method: Method | None, per_layer: bool) -> Callable
 
 def compiled_kernel(call: KernelCall, method: Method | None, *, reuse: bool, per_layer: bool) -> Callable:
     """The compiled kernel for this call's setting, shared by every call that has it."""
-    key = (call, None if method is None else method.name, reuse, per_layer)
+    key = (call, None if method is None else method.key, reuse, per_layer)
+    if method is not None and not method.compiled:  # it compiles its own parts
+        return lookup(_COMPILED, key, lambda: _build(call, method, per_layer))
     return lookup(_COMPILED, key, lambda: call.backend.jit(_build(call, method, per_layer)))

@@ -44,6 +44,7 @@ class Estimate:
     peak_bytes: float
     seconds: float
     terms: Mapping[str, float] = field(default_factory=dict)
+    readout: bool = False  # priced with the readout reduction (ntkcore.readout)
 
 
 def estimate(
@@ -55,15 +56,18 @@ def estimate(
     axes: KernelAxes,
     itemsize: int,
     constants: Mapping[str, Any],
+    method: Any = None,
 ) -> Estimate:
     """Predict ``implementation``'s FLOPs, peak bytes and seconds (``n2=None``: x2 = x1, reused).
 
-    Besides the FLOPs, time counts the bytes each method streams through memory (``traffic``:
-    Jacobians, tangent activations, rule intermediates), not only the peak it holds at once.
+    ``method`` prices another form of the implementation (one reduced to a model's readout,
+    :class:`ntkcore.readout.Reduced`) under its name. Besides the FLOPs, time counts the bytes
+    each method streams through memory (``traffic``: Jacobians, tangent activations, rule
+    intermediates), not only the peak it holds at once.
     """
     if implementation not in REGISTRY:
         raise ValueError(f"implementation {implementation!r} has no cost model; expected one of {METHODS}")
-    cost = REGISTRY[implementation].cost(shape, CallSizes.of(n1, n2, out_shape, axes), itemsize)
+    cost = (method or REGISTRY[implementation]).cost(shape, CallSizes.of(n1, n2, out_shape, axes), itemsize)
     peak_bytes, traffic = float(cost.peak * itemsize), float(cost.traffic * itemsize)
     seconds = (
         constants["overhead_s"][implementation]
@@ -73,7 +77,8 @@ def estimate(
         + traffic / constants["bytes_per_s"]
     )
     terms = {"passes": cost.passes, "contraction": cost.contraction, "layers": float(shape.calls), "traffic": traffic}
-    return Estimate(implementation, cost.passes + cost.contraction, peak_bytes, seconds, terms)
+    reduced = method is not None and method is not REGISTRY[implementation]
+    return Estimate(implementation, cost.passes + cost.contraction, peak_bytes, seconds, terms, reduced)
 
 
 CALIBRATION = Path(__file__).with_name("calibration.json")

@@ -43,6 +43,7 @@ class Explanation:
     layers: tuple[LayerRule, ...]
     structured_unavailable: str | None = None  # why structured derivatives are not a candidate
     failed: Mapping[str, str] = field(default_factory=dict)  # implementations that raised on this model
+    readout: str | None = None  # the readout reduction every implementation applies (ntkcore.readout)
 
     def budget_message(self) -> str:
         """The error text when nothing fits: what each method needs and what to do."""
@@ -60,9 +61,11 @@ class Explanation:
         ]
         for name, e in self.estimates.items():
             fits = "yes" if self.budget_bytes is None or e.peak_bytes <= self.budget_bytes else "no"
-            mark = "  <- choice" if name == self.choice else ""
+            mark = ("  (readout reduced)" if e.readout else "") + ("  <- choice" if name == self.choice else "")
             peak, seconds = format_bytes(e.peak_bytes), _seconds(e.seconds)
             lines.append(f"{name:<22} {e.flops / 1e9:>10.4g} {peak:>12} {seconds:>11}  {fits}{mark}")
+        if self.readout:
+            lines.append(self.readout)
         if self.structured_unavailable:
             lines.append(f"structured: not a candidate ({self.structured_unavailable})")
         for name, error in self.failed.items():

@@ -9,11 +9,12 @@ import warnings
 from typing import Any
 
 from . import compiled, large_n, memory
+from . import model_kwargs as arguments
 from .arrays import itemsize
 from .axes import KernelAxes
 from .cost_model import Estimate
 from .explain import Explanation, MemoryBudgetError
-from .implementations import REGISTRY, Implementation, KernelCall, Method
+from .implementations import REGISTRY, Implementation, KernelCall, Method, Sketch
 from .implementations.structured import StructuredFallbackWarning
 from .inputs import all_finite, check_independent, check_pair, first_nonfinite, output_shape
 from .outputs import StructuredOutput, check_output, rebuild, selected_apply
@@ -27,8 +28,9 @@ Resolved = tuple[Any, Any, tuple[int, ...], KernelAxes]  # x1, x2, per-example o
 def _check_options(
     per_layer: Any, batch_size: Any, executor: Any, batch_independent: Any, check_finite: Any, trainable: Any
 ) -> None:
-    if per_layer not in (True, False):
-        raise TypeError(f"per_layer must be True or False, got {per_layer!r}")
+    for name, value in (("per_layer", per_layer), ("check_finite", check_finite)):
+        if value not in (True, False):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
     if per_layer and (batch_size is not None or executor is not None):
         raise ValueError(
             "per_layer=True returns the layers' kernels in memory: it cannot be tiled "
@@ -38,10 +40,21 @@ def _check_options(
         raise ValueError(f"batch_size must be a positive number of examples per tile, got {batch_size!r}")
     if batch_independent not in (None, True, False):
         raise TypeError(f"batch_independent must be None, True or False, got {batch_independent!r}")
-    if check_finite not in (True, False):
-        raise TypeError(f"check_finite must be True or False, got {check_finite!r}")
     if trainable is not None and not callable(trainable):
         raise TypeError(f"trainable must be None or a predicate on parameter names, got {trainable!r}")
+
+
+def _check_sketch(implementation: Implementation, sketch: Sketch | None, per_layer: bool) -> Sketch | None:
+    """The sketch's options go with ``implementation="sketch"`` and only with it."""
+    if implementation is not Implementation.SKETCH:
+        if sketch is not None:
+            raise ValueError('sketch_dim= and seed= set the sketch of implementation="sketch"; pass that too')
+        return None
+    if sketch is None:
+        raise ValueError('implementation="sketch" needs sketch_dim= (random projections, e.g. 256)')
+    if per_layer:
+        raise ValueError('per_layer=True takes an exact implementation, not implementation="sketch"')
+    return sketch
 
 
 def _probe(backend: AutodiffBackend, apply: Any) -> Any:
@@ -91,15 +104,24 @@ class KernelFn:
         output: Any = None,
         trainable: Any = None,
         state: Any = None,
+        reduce_readout: bool | None = None,
+        sketch: Sketch | None = None,
+        model_arguments: tuple | None = None,
     ) -> None:
         _check_options(per_layer, batch_size, executor, batch_independent, check_finite, trainable)
+        if reduce_readout not in (None, True, False):
+            raise TypeError(f"reduce_readout must be None, True or False, got {reduce_readout!r}")
         check_output(output)
         self._model, self._params, self._kind = model, params, kind
         self._output, self._trainable, self._state, self._check_finite = output, trainable, state, check_finite
         self._implementation = Implementation.parse(implementation)
+        self._sketch = _check_sketch(self._implementation, sketch, per_layer)
         self._memory_budget = memory.parse_budget(memory_budget)
         self._batch_size, self._progress, self._executor, self._per_layer = batch_size, progress, executor, per_layer
         self._backend_name, self._batch_independent = backend, batch_independent
+        self._reduce_readout = reduce_readout
+        self._arguments = model_arguments  # (shared kwargs, packed Layout): set on the KernelFn of one model_kwargs=
+        self._children: dict = {}
         self._axes_args = (trace_axes, diagonal_axes)
         self._backend: AutodiffBackend | None = get_backend(backend) if backend is not None else None
         self._prepared: PreparedModel | None = None
@@ -124,10 +146,20 @@ class KernelFn:
                 "model.eval()), or pass batch_independent=False to compute the exact kernel of "
                 "the batch as a whole."
             )
+        if self._arguments is not None:
+            shared, layout = self._arguments
+            apply = prepared.apply
+            if shared is not None:
+                native = arguments.native_shared(self._backend, shared, next(iter(prepared.params.values())))
+                apply = arguments.shared_apply(apply, native, arguments.identity(shared))
+            apply = apply if layout is None else arguments.packed_apply(apply, layout)
+            prepared = dataclasses.replace(prepared, apply=apply)
         if self._output is not None:
             prepared = dataclasses.replace(prepared, apply=selected_apply(prepared.apply, self._output))
         self._prepared = prepared
-        self._planner = Planner(self._backend, prepared, self._batch_independent, self._memory_budget)
+        self._planner = Planner(
+            self._backend, prepared, self._batch_independent, self._memory_budget, self._reduce_readout
+        )
 
     # -- the interface of the tiled path and the operators ----------------------------------
     @property
@@ -195,11 +227,24 @@ class KernelFn:
         self._prepare((x1,)) if self._prepared is None else None
         return self._planner.capture(x1, warn=False)
 
-    def explain(self, x1: Any, x2: Any = None) -> Explanation:
+    def explain(self, x1: Any, x2: Any = None, *, model_kwargs: Any = None) -> Explanation:
         """What a call on these inputs would do, predicted with nothing computed or compiled:
         FLOPs, peak bytes and time of every implementation, the choice, each layer's rule."""
+        if model_kwargs is not None:
+            fn, x1, x2 = self.with_arguments(model_kwargs, x1, x2)
+            return fn.explain(x1, x2)
         x1, x2, out_shape, axes = self.resolve(x1, x2)
         return self._planner.explain(x1, x2, out_shape, axes, self._implementation)
+
+    def sketch_with_error(self, x1: Any, x2: Any = None) -> tuple[Any, Any]:
+        """``implementation="sketch"``: (the estimate, its standard error entry by entry)."""
+        if self._sketch is None:
+            raise ValueError('an error estimate comes with implementation="sketch" (sketch_dim=) only')
+        x1, x2, out_shape, axes = self.resolve(x1, x2)
+        capture = self._planner.capture(x1, warn=True) if self._sketch.uses_capture else None
+        coupled = self._batch_independent is False
+        call = KernelCall(self._backend, self._prepared.apply, axes, out_shape, coupled, capture)
+        return self._sketch.with_error(call, self._prepared.params, x1, x2)
 
     def spec(self) -> dict:
         """The arguments that rebuild this kernel function in another process (a Dask worker)."""
@@ -217,6 +262,9 @@ class KernelFn:
             "output": self._output,
             "trainable": self._trainable,
             "state": self._state,
+            "reduce_readout": self._reduce_readout,
+            "sketch": self._sketch,
+            "model_arguments": self._arguments,
         }
 
     def options(self, batch_size: int) -> dict:
@@ -225,7 +273,7 @@ class KernelFn:
         return {
             "kind": self._kind,
             "backend": self._backend.name,
-            "implementation": self._implementation.value,
+            "implementation": self._implementation.value if self._sketch is None else repr(self._sketch),
             "trace_axes": repr(trace),
             "diagonal_axes": repr(diagonal),
             "batch_independent": self._batch_independent,
@@ -233,10 +281,43 @@ class KernelFn:
         }
 
     # -- the call ----------------------------------------------------------------------------
+    def with_arguments(self, model_kwargs: Any, x1: Any, x2: Any) -> tuple[KernelFn, Any, Any]:
+        """The kernel function of the model called with ``model_kwargs`` (see
+        :mod:`ntkcore.model_kwargs`), and the inputs it takes (packed with per-example arguments)."""
+        shared, pair = arguments.split(model_kwargs, x2 is not None)
+        if self._prepared is None:
+            self._prepare(tuple(a for a in (x1, x2) if a is not None))
+        layout = None
+        if pair is not None:
+            like = next(iter(self._prepared.params.values()))
+            x1, layout = arguments.pack(self._backend, x1, pair[0], like, "x1")
+            if x2 is not None:
+                x2, other = arguments.pack(self._backend, x2, pair[1], like, "x2")
+                if other != layout:
+                    raise ValueError(
+                        f"model_kwargs: x2's arguments {other.arguments} differ from x1's {layout.arguments}"
+                    )
+        key = (arguments.identity(shared), layout)
+        if key not in self._children:
+            options = {"batch_size": self._batch_size, "progress": self._progress, "executor": self._executor}
+            spec = {**self.spec(), "model_arguments": (shared, layout)}
+            self._children[key] = KernelFn(**spec, **options, per_layer=self._per_layer)
+        return self._children[key], x1, x2
+
     def __call__(
-        self, x1: Any, x2: Any = None, *, out: Any = None, overwrite: bool = False, verify: bool = True
+        self,
+        x1: Any,
+        x2: Any = None,
+        *,
+        out: Any = None,
+        overwrite: bool = False,
+        verify: bool = True,
+        model_kwargs: Any = None,
     ) -> Any:
         """The kernel between ``x1`` and ``x2`` (``x2=None`` reuses x1's work).
+
+        ``model_kwargs``: keyword arguments of the model's calls, a map shared by every call or
+        a pair of maps of per-example arrays for x1's and x2's examples (:mod:`ntkcore.model_kwargs`).
 
         With ``batch_size``, ``out`` (a ``.zarr`` or ``.npy`` path: written tile by tile,
         resumable, returned opened read-only; ``verify=False`` skips reading its finished tiles
@@ -244,6 +325,9 @@ class KernelFn:
         the whole kernel at once does not fit the memory budget, it is computed tile by tile
         (:mod:`ntkcore.large_n`).
         """
+        if model_kwargs is not None:
+            fn, x1, x2 = self.with_arguments(model_kwargs, x1, x2)
+            return fn(x1, x2, out=out, overwrite=overwrite, verify=verify)
         try:
             x1, x2, out_shape, axes = self.resolve(x1, x2)
         except StructuredOutput as found:
@@ -288,12 +372,14 @@ class KernelFn:
         """The implementation this call runs (``None``: the NNGP kernel)."""
         if self._kind == "nngp":
             return None
+        if self._sketch is not None:
+            return self._sketch
         name = self._implementation.value
         if self._implementation is Implementation.AUTO:
             name = self._planner.auto_choice(x1, x2, out_shape, axes)
         else:
             self._planner.check_budget(name, x1, x2, out_shape, axes)
-        method = REGISTRY[name]
+        method = self._planner.method(name, x1, x2, out_shape, axes)
         if self._batch_independent is False and not method.batch_coupled:
             warnings.warn(
                 f"{method.title} assume independent examples; with batch_independent=False the kernel is "

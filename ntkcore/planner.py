@@ -16,6 +16,7 @@ from .explain import Explanation, MemoryBudgetError, budget_message, choose, des
 from .implementations import REGISTRY, Implementation, Method
 from .implementations.structured import StructuredFallbackWarning, plan
 from .protocol import AutodiffBackend, Capture, PreparedModel
+from .readout import Readout, Reduced, find
 
 
 class AutoFallbackWarning(UserWarning):
@@ -35,10 +36,16 @@ class Planner:
     """Estimates, choices and the capture for one prepared model and its options."""
 
     def __init__(
-        self, backend: AutodiffBackend, prepared: PreparedModel, batch_independent: bool | None, memory_budget: Any
+        self,
+        backend: AutodiffBackend,
+        prepared: PreparedModel,
+        batch_independent: bool | None,
+        memory_budget: Any,
+        reduce_readout: bool | None = None,
     ) -> None:
         self._backend, self._prepared = backend, prepared
         self._batch_independent, self._memory_budget = batch_independent, memory_budget
+        self._reduce_readout = reduce_readout
 
     def budget(self) -> tuple[float | None, str]:
         """The memory budget in bytes (``None``: unknown, no limit) and where it comes from."""
@@ -80,12 +87,7 @@ class Planner:
         budget, source = self.budget()
         if budget is None:
             return
-        backend = self._backend
-        key = (
-            "peak", name, backend.name, self._prepared.apply, tuple(x1.shape), None if x2 is None else tuple(x2.shape),
-            backend.dtype_name(x1), out_shape, axes, self._batch_independent,
-        )  # fmt: skip
-        found = compiled.lookup(compiled._CHOICES, key, lambda: self.survey(x1, x2, out_shape, axes)[0].get(name))
+        found = self.estimate_of(name, x1, x2, out_shape, axes)
         if found is None or found.peak_bytes <= budget:
             return
         shape = kernel_shape(x1, x2, out_shape, axes)
@@ -97,9 +99,26 @@ class Planner:
             "sums over the output axis; or raise memory_budget= if the prediction is too cautious"
         )
 
+    def estimate_of(self, name: str, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes) -> Any:
+        """The estimate of implementation ``name`` on these inputs (``None``: not a candidate), cached."""
+        backend = self._backend
+        key = (
+            "estimate", name, backend.name, self._prepared.apply, tuple(x1.shape),
+            None if x2 is None else tuple(x2.shape), backend.dtype_name(x1), out_shape, axes,
+            self._batch_independent, self._reduce_readout,
+        )  # fmt: skip
+        return compiled.lookup(compiled._CHOICES, key, lambda: self.survey(x1, x2, out_shape, axes)[0].get(name))
+
+    def method(self, name: str, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes) -> Method:
+        """Implementation ``name``, reduced to the model's readout where its estimate says so."""
+        found = self.estimate_of(name, x1, x2, out_shape, axes)
+        readout = self.readout(x1, out_shape) if found is not None and found.readout else None
+        return REGISTRY[name] if readout is None else Reduced(REGISTRY[name], readout)
+
     def survey(self, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes) -> tuple:
         """(every candidate's estimate, the model's sizes, the device class, why the methods
-        that use the layer capture are not candidates — ``None`` when they are)."""
+        that use the layer capture are not candidates — ``None`` when they are, the model's
+        readout — ``None`` when it has none or it is not to be reduced)."""
         backend, prepared = self._backend, self._prepared
         like = next(iter(prepared.params.values()))
         capture = layers = None
@@ -111,6 +130,8 @@ class Planner:
             except Exception as error:  # auto must not fail because one method cannot run
                 capture, unavailable = None, f"the adapter cannot capture this model's layers: {error}"
         shape = model_shape(capture, prepared.params, layers)
+        readout = None if capture is None else self.readout(x1, out_shape)
+        priced = shape if readout is None else self._body_shape(capture, readout)
         device = device_class(device_of(like))
         table, size = constants(backend.name, device), itemsize(backend.dtype_name(like))
         n2 = None if x2 is None else x2.shape[0]
@@ -118,8 +139,38 @@ class Planner:
         candidates = [
             name for name, m in REGISTRY.items() if (not m.uses_capture or capture is not None) and name not in failed
         ]
-        estimates = {m: estimate(shape, m, x1.shape[0], n2, out_shape, axes, size, table) for m in candidates}
-        return estimates, shape, device, unavailable
+        estimates = {}
+        for m in candidates:
+            general = estimate(shape, m, x1.shape[0], n2, out_shape, axes, size, table)
+            if readout is not None:  # the readout reduction where asked (True), or where predicted cheaper
+                reduced = estimate(
+                    priced, m, x1.shape[0], n2, out_shape, axes, size, table, Reduced(REGISTRY[m], readout)
+                )
+                general = reduced if self._reduce_readout or reduced.seconds < general.seconds else general
+            estimates[m] = general
+        return estimates, shape, device, unavailable, readout
+
+    def _body_shape(self, capture: Capture, readout: Readout) -> Any:
+        """The sizes of the model up to its readout's input h (what the implementations differentiate)."""
+        body = readout.body_capture(capture)
+        params = {n: p for n, p in self._prepared.params.items() if n not in readout.names}
+        return model_shape(body, params, plan(body, params))
+
+    def readout(self, x1: Any, out_shape: tuple[int, ...]) -> Readout | None:
+        """The model's wide linear readout (:mod:`ntkcore.readout`), found once per model and
+        input shape; ``None`` when it has none, or examples interact."""
+        if self._batch_independent is False or self._reduce_readout is False:
+            return None
+        backend, prepared = self._backend, self._prepared
+        key = ("readout", backend.name, prepared.apply, tuple(x1.shape[1:]), backend.dtype_name(x1), out_shape)
+
+        def make() -> Readout | None:
+            try:
+                return find(backend, self.capture(x1, warn=False), prepared.params, x1[:1], out_shape)
+            except Exception:  # no capture, or a model the probes cannot run: the general path (exact)
+                return None
+
+        return compiled.lookup(compiled._CAPTURES, key, make)
 
     def auto_choice(self, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes) -> str:
         """The cheapest predicted implementation that fits the budget, cached per shapes."""
@@ -127,7 +178,7 @@ class Planner:
         key = (
             backend.name, self._prepared.apply, tuple(x1.shape), None if x2 is None else tuple(x2.shape),
             backend.dtype_name(x1), out_shape, axes, self._batch_independent, self._memory_budget,
-            tuple(self.failed(x1)),
+            tuple(self.failed(x1)), self._reduce_readout,
         )  # fmt: skip
         return compiled.lookup(compiled._CHOICES, key, lambda: self._choose(x1, x2, out_shape, axes))
 
@@ -179,7 +230,7 @@ class Planner:
         self, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes, implementation: Any
     ) -> Explanation:
         """What a call on these (checked) inputs would do; see :meth:`ntkcore.kernel_fn.KernelFn.explain`."""
-        estimates, shape, device, unavailable = self.survey(x1, x2, out_shape, axes)
+        estimates, shape, device, unavailable, readout = self.survey(x1, x2, out_shape, axes)
         budget, budget_source = self.budget()
         auto = implementation is Implementation.AUTO
         n2 = None if x2 is None else x2.shape[0]
@@ -198,4 +249,5 @@ class Planner:
             layers=describe_layers(shape, x1.shape[0], n2, out_shape, axes),
             structured_unavailable=unavailable,
             failed=dict(self.failed(x1)),
+            readout=None if readout is None else readout.describe(),
         )

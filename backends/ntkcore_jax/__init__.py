@@ -135,11 +135,11 @@ def _functional(
     owners = (getattr(model, "__self__", model), getattr(model, "__func__", model))
     key = (*map(id, owners), treedef, tuple(slots), tuple(names), tuple(map(id, constants)))
 
-    def apply(p: Mapping[str, Any], x: Any) -> Any:
+    def apply(p: Mapping[str, Any], x: Any, **model_kwargs: Any) -> Any:
         leaves = list(constants)
         for name, i in zip(names, slots):
             leaves[i] = p[name]
-        return model(jax.tree_util.tree_unflatten(treedef, leaves), x)
+        return model(jax.tree_util.tree_unflatten(treedef, leaves), x, **model_kwargs)
 
     if all(isinstance(c, _IMMUTABLE) for c in constants):
         apply = _APPLY_CACHE.shared(key, apply, owners, constants)

@@ -128,10 +128,10 @@ def _prepare_keras(
     recurrent = [layer for layer in _sublayers(model) if isinstance(layer, keras.layers.RNN)]
     norms = [layer for layer in _sublayers(model) if _over_last_axis(keras, layer)]
 
-    def apply(p: Mapping[str, Any], x: Any) -> Any:
+    def apply(p: Mapping[str, Any], x: Any, **model_kwargs: Any) -> Any:
         with keras.StatelessScope(state_mapping=[(v, p[name]) for name, v in zip(names, variables)]):
             with _unrolled(recurrent), _plain_layer_norms(norms):
-                return model(x, **kwargs)
+                return model(x, **kwargs, **model_kwargs)
 
     apply = _shared(apply, model, variables, names)
     embedding = any(isinstance(layer, keras.layers.Embedding) for layer in _sublayers(model))
@@ -204,9 +204,9 @@ def _prepare_module(model: tf.Module, params: Any, trainable: Callable[[str], bo
     variables = _chosen(model, trainable, lambda v: v.name.split(":")[0])
     names = _unique([v.name.split(":")[0] for v in variables])
 
-    def apply(p: Mapping[str, Any], x: Any) -> Any:
+    def apply(p: Mapping[str, Any], x: Any, **model_kwargs: Any) -> Any:
         # p holds the module's own variables (watched by jvp/vjp); the module reads them itself
-        return model(x)
+        return model(x, **model_kwargs)
 
     apply = _shared(apply, model, variables, names)
     return PreparedModel(apply, dict(zip(names, variables)), None, lambda x: False, source=model)

@@ -202,17 +202,17 @@ def capture(prepared: PreparedModel, x: Any) -> Capture:
     found = _table(keras, model, params)
     audit, recorder = ParameterAudit(owners_of(found[1])), CallRecorder()
     name_of = {id(v): name for name, v in zip(params, model.trainable_variables)}
-    mapping = [(v, params[name_of[id(v)]]) for v in model.trainable_variables]
 
-    class Audit(keras.StatelessScope):  # discovery: which layer reads each trainable variable
-        def get_current_value(self, variable: Any) -> Any:
-            if id(variable) in name_of:
-                audit.used(name_of[id(variable)])
-            return super().get_current_value(variable)
+    read = keras.StatelessScope.get_current_value
 
-    def audited(p: Mapping[str, Any], batch: Any) -> Any:
-        with Audit(state_mapping=mapping):
-            return model(batch, training=False)
+    def get_current_value(scope: Any, variable: Any) -> Any:  # discovery: which layer reads each variable
+        if id(variable) in name_of:
+            audit.used(name_of[id(variable)])
+        return read(scope, variable)
+
+    def audited(p: Mapping[str, Any], batch: Any) -> Any:  # ``apply`` itself: model_kwargs= and output= too
+        with patched(lambda patches: patches.set(keras.StatelessScope, "get_current_value", get_current_value)):
+            return apply(p, batch)
 
     _run(keras, found, audited, params, x, recorder, audit)
 

@@ -33,6 +33,7 @@ __all__ = [
     "sqrt",
     "stack",
     "sum",
+    "take",
     "where",
     "zeros",
 ]
@@ -49,6 +50,10 @@ def reshape(x: Any, /, shape: Sequence[int], *, copy: bool | None = None) -> tf.
 
 def permute_dims(x: Any, /, axes: Sequence[int]) -> tf.Tensor:
     return tf.transpose(x, perm=[int(a) for a in axes])
+
+
+def take(x: Any, indices: Any, /, *, axis: int | None = None) -> tf.Tensor:
+    return tf.gather(tf.reshape(x, (-1,)) if axis is None else x, indices, axis=0 if axis is None else axis)
 
 
 def matmul(x1: Any, x2: Any, /) -> tf.Tensor:
@@ -115,8 +120,10 @@ sqrt = tf.sqrt
 
 
 class linalg:
-    """The array API ``linalg`` functions the analysis tools use (spectrum, predictions)."""
+    """The array API ``linalg`` functions the analysis tools (spectrum, predictions) and the
+    readout reduction (qr) use."""
 
     eigh = staticmethod(lambda x, /: tuple(tf.linalg.eigh(x)))
     eigvalsh = staticmethod(lambda x, /: tf.linalg.eigvalsh(x))
     solve = staticmethod(lambda x1, x2, /: tf.linalg.solve(x1, x2))
+    qr = staticmethod(lambda x, /, *, mode="reduced": tuple(tf.linalg.qr(x, full_matrices=mode == "complete")))

@@ -123,7 +123,7 @@ class TorchBackend(Adapter):
         attention, recurrent = attention_modules(model), recurrent_modules(model)
         norms = [m for m in model.modules() if type(m) is nn.LayerNorm]
 
-        def apply(p: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        def apply(p: Mapping[str, torch.Tensor], x: torch.Tensor, **model_kwargs: Any) -> torch.Tensor:
             # Train-mode BatchNorm updates its running statistics in place: give it fresh copies,
             # so the kernel has no side effect on the model and the transforms see no mutation
             # of a captured tensor.
@@ -134,7 +134,7 @@ class TorchBackend(Adapter):
                 written_out(recurrent),
                 _plain_layer_norms(norms),
             ):
-                return torch.func.functional_call(model, {**fresh, **p}, (x,))
+                return torch.func.functional_call(model, {**fresh, **p}, (x,), model_kwargs)
 
         has_embedding = any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in model.modules())
         return PreparedModel(

@@ -3,7 +3,8 @@
 ``REGISTRY`` maps each ``implementation=`` name to its :class:`~ntkcore.implementations.base.Method`;
 it is filled from the modules of this package that define ``METHOD`` (see CONTRIBUTING.md, "Add
 an implementation"). ``auto``, ``explain``, the cost model, the demo, the benchmarks and the
-tests read it; :class:`Implementation` is built from it.
+tests read it; :class:`Implementation` is built from it, plus ``"sketch"`` (an approximation,
+:mod:`~ntkcore.implementations.sketch`, asked for by name only) and ``"auto"``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import pkgutil
 from typing import Any
 
 from .base import Cost, KernelCall, Method
+from .sketch import NAME as SKETCH
+from .sketch import Sketch
 
 AUTO = "auto"
 
@@ -23,7 +26,7 @@ def _discover() -> dict[str, Method]:
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         method = getattr(importlib.import_module(f"{__name__}.{info.name}"), "METHOD", None)
         if isinstance(method, Method):
-            if method.name in found or method.name == AUTO:
+            if method.name in found or method.name in (AUTO, SKETCH):
                 raise RuntimeError(f"implementation name {method.name!r} is taken")
             found[method.name] = method
     return found
@@ -53,15 +56,16 @@ class _Names(str, enum.Enum):
 
 Implementation = _Names(
     "Implementation",
-    [(name.upper(), name) for name in REGISTRY] + [(AUTO.upper(), AUTO)],
+    [(name.upper(), name) for name in REGISTRY] + [(SKETCH.upper(), SKETCH), (AUTO.upper(), AUTO)],
     module=__name__,
     qualname="Implementation",
 )
 
 
 def get(name: str | Implementation) -> Method:
-    """The implementation called ``name`` (not ``"auto"``, which chooses among them)."""
+    """The exact implementation called ``name`` (not ``"auto"``, which chooses among them, nor
+    ``"sketch"``, which takes its own options)."""
     return REGISTRY[Implementation.parse(name).value]
 
 
-__all__ = ["AUTO", "REGISTRY", "Cost", "Implementation", "KernelCall", "Method", "get"]
+__all__ = ["AUTO", "REGISTRY", "SKETCH", "Cost", "Implementation", "KernelCall", "Method", "Sketch", "get"]

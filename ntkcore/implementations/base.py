@@ -62,6 +62,12 @@ class Method:
     uses_capture: ClassVar[bool] = False
     batch_coupled: ClassVar[bool] = True
     coupled_substitute: ClassVar[str] = "jacobian_contraction"
+    compiled: ClassVar[bool] = True  # run under the framework's compiler as one function
+
+    @property
+    def key(self) -> Any:
+        """What tells compiled kernels of this implementation apart (its options too)."""
+        return (self.name, type(self))
 
     def kernel(self, call: KernelCall, params: Params, x1: Any, x2: Any) -> Any:
         """The kernel between ``x1`` and ``x2`` (``x2=None``: x1, its work reused)."""

@@ -19,7 +19,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from ..arrays import device_of, layer_name, layers_of, output_basis
+from ..arrays import layer_name, layers_of, output_basis, zeros
 from ..axes import KernelAxes
 from ..contraction import contract_by_layer
 from ..model_shape import FALLBACK, FRAMEWORK, SHARED, ModelShape
@@ -92,22 +92,20 @@ def _pieces(
     vectorised backward passes, taken with respect to the zero probes and those parameters."""
     xp = backend.namespace(x)
     like = next(iter(params.values()))
-    device = device_of(like)
-    kwargs = {} if device is None else {"device": device}
 
     def one_example(x_i: Any) -> tuple[dict, dict, dict]:
         batch = x_i[None, ...]
-        zeros = {k: xp.zeros(shape, dtype=like.dtype, **kwargs) for k, shape in capture.output_shapes.items()}
-        _, inputs = capture.apply_probed(params, zeros, batch)
-        primals = {**{f"probe/{k}": v for k, v in zeros.items()}, **{f"param/{n}": params[n] for n in direct}}
+        still = zeros(xp, capture.output_shapes, like)
+        _, inputs = capture.apply_probed(params, still, batch)
+        primals = {**{f"probe/{k}": v for k, v in still.items()}, **{f"param/{n}": params[n] for n in direct}}
 
         def f(primals: dict) -> Any:
-            probes = {k: primals[f"probe/{k}"] for k in zeros}
+            probes = {k: primals[f"probe/{k}"] for k in still}
             return capture.apply_probed({**params, **{n: primals[f"param/{n}"] for n in direct}}, probes, batch)[0]
 
         out, pullback = backend.vjp(lambda p: f(p)[0, ...], primals)
         cotangents = backend.vmap(pullback, (0,))(output_basis(xp, out))
-        g = {k: cotangents[f"probe/{k}"] for k in zeros}
+        g = {k: cotangents[f"probe/{k}"] for k in still}
         return {k: inputs[k] for k in needed}, g, {n: cotangents[f"param/{n}"] for n in direct}
 
     inputs, g, jac = backend.vmap(one_example, (0,))(x)

@@ -59,6 +59,19 @@ class Rule:
         """Per-example gradients ``role -> (N, *out, P)`` in the parameters' layouts."""
         raise NotImplementedError(f"the {self.kind} rule has no per-example gradients in the parameters' layout")
 
+    def sketch_factors(self, shapes: Mapping[str, tuple], x: Any, g: Any) -> dict[str, tuple[int, ...]]:
+        """role -> the lengths of the sign vectors one column of a sketch draws for it: one
+        vector of the parameter's size by default; rules whose gradients are outer products draw
+        one per factor (a Kronecker-structured column, :meth:`project`)."""
+        return {role: (math.prod(shape),) for role, shape in shapes.items()}
+
+    def project(self, xp: Any, x: Any, g: Any, shapes: Mapping[str, tuple], signs: Mapping[str, list[Any]]) -> Any:
+        """Σ_roles J_role·r for the sketch's columns: ``signs[role]`` holds one (length, c) array
+        per factor of :meth:`sketch_factors`; returns (N, *out, c). By default the per-example
+        gradients times the signs."""
+        grads = self.gradients(xp, x, g, set(shapes), shapes)
+        return sum(xp.matmul(grads[role], signs[role][0]) for role in shapes)
+
     def forward_flops(self, tokens: int, features: int, sizes: Mapping[str, int]) -> float:
         """FLOPs of one call on one example (``sizes``: role -> parameter size)."""
         return 0.0

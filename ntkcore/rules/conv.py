@@ -48,6 +48,12 @@ class Conv(Rule):
     def kernel(self, xp: Any, x1: Any, g1: Any, x2: Any, g2: Any, axes: KernelAxes, roles: set[str]) -> Any:
         return kernel(xp, x1, g1, x2, g2, axes, roles)
 
+    def project(self, xp: Any, x: Any, g: Any, shapes: Mapping[str, tuple], signs: Mapping[str, list[Any]]) -> Any:
+        """The per-example gradients from the patches times the signs (their layout is the
+        sketch's own basis: any fixed order of independent signs is as good)."""
+        grads = gradients(xp, x, g, set(shapes))
+        return sum(xp.matmul(grads[role], signs[role][0]) for role in shapes)
+
     def forward_flops(self, tokens: int, features: int, sizes: Mapping[str, int]) -> float:
         weight = sizes.get("weight", 0)
         return 2.0 * tokens * weight if weight > features else 0.0

@@ -90,6 +90,22 @@ class Dense(Rule):
     def gradients(self, xp: Any, x: Any, g: Any, roles: set[str], shapes: Mapping[str, tuple]) -> dict[str, Any]:
         return gradients(xp, x, g, roles)
 
+    def sketch_factors(self, shapes: Mapping[str, tuple], x: Any, g: Any) -> dict[str, tuple[int, ...]]:
+        """The weight's column is s⊗r (s over the F outputs, r over the inputs); the bias's one vector."""
+        return {role: (g.shape[-1], x.shape[-1]) if role == "weight" else (g.shape[-1],) for role in shapes}
+
+    def project(self, xp: Any, x: Any, g: Any, shapes: Mapping[str, tuple], signs: Mapping[str, list[Any]]) -> Any:
+        """(x⊗g)·(r⊗s) = Σ_s (g_s·s)(x_s·r): tokens × (F + in) per column, not F × in."""
+        total = 0
+        if "weight" in shapes:
+            s_, r = signs["weight"]
+            gs = xp.matmul(g, s_)  # (N, *out, S, c)
+            xr = xp.matmul(x, r)  # (N, S, c)
+            total = xp.sum(gs * xp.reshape(xr, (x.shape[0], *([1] * (len(g.shape) - 3)), *xr.shape[1:])), axis=-2)
+        if "bias" in shapes:
+            total = total + xp.matmul(xp.sum(g, axis=-2), signs["bias"][0])
+        return total
+
     def forward_flops(self, tokens: int, features: int, sizes: Mapping[str, int]) -> float:
         weight = sizes.get("weight", 0)
         return 2.0 * tokens * weight if weight > features else 0.0  # fan-in 1 (a bias add in JAX): elementwise

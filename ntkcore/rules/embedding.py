@@ -51,6 +51,21 @@ class Embedding(Rule):
     def gradients(self, xp: Any, x: Any, g: Any, roles: set[str], shapes: Mapping[str, tuple]) -> dict[str, Any]:
         return gradients(xp, x, g, roles, shapes)
 
+    def sketch_factors(self, shapes: Mapping[str, tuple], x: Any, g: Any) -> dict[str, tuple[int, ...]]:
+        """The table's column is r⊗s (r over its rows, s over the F features)."""
+        *rows, f = shapes["table"]
+        return {"table": (math.prod(rows), f)}
+
+    def project(self, xp: Any, x: Any, g: Any, shapes: Mapping[str, tuple], signs: Mapping[str, list[Any]]) -> Any:
+        """Σ_s r[id_s]·(g_s·s), a padding id (-1) contributing nothing: no V-sized gradient formed."""
+        r, s_ = signs["table"]
+        n, tokens = x.shape
+        valid = x >= 0
+        rows = xp.take(r, xp.reshape(xp.where(valid, x, x * 0), (-1,)), axis=0)  # (N·S, c)
+        rows = xp.reshape(rows, (n, tokens, -1)) * xp.reshape(xp.astype(valid, r.dtype), (n, tokens, 1))
+        gs = xp.matmul(g, s_)  # (N, *out, S, c)
+        return xp.sum(gs * xp.reshape(rows, (n, *([1] * (len(g.shape) - 3)), tokens, -1)), axis=-2)
+
     def cost(self, layer: Any, sizes: CallSizes) -> tuple[float, float]:
         flops = 2.0 * sizes.pairs * layer.tokens**2 * layer.features
         return flops, float(sizes.examples * pair_entries(sizes.axes, sizes.out_shape) * layer.tokens**2)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import Built
-from .spec import spec, structured_inputs
+from .spec import kwargs_weights, readout_weights, spec, structured_inputs
 
 CAPABILITIES = frozenset({"structured"})
 DTYPES = {"float32": jnp.float32, "float64": jnp.float64}
@@ -419,3 +419,40 @@ def _library_recurrent_models() -> dict[str, tuple[Callable, Any]]:
 
 
 transformers_models = None  # the transformers zoo is torch's
+
+
+def readout_model(variant: str) -> Built:
+    """float64: tests/models/spec.py, ``READOUT_VARIANTS`` (frozen parameters: ``trainable=``)."""
+    w = {k: jnp.asarray(v, dtype=jnp.float64) for k, v in readout_weights().items()}
+    if variant == "tied":
+        params = {"embedding": w["embedding"], "body": w["w_tied"]}
+        return Built(lambda p, x: jnp.tanh(p["embedding"][x] @ p["body"]) @ p["embedding"].T, {"params": params})
+    params = {"body": {"w": w["w1"], "b": w["b1"]}, "head": {"w": w["a"], "b": w["b"]}}
+    if variant == "no_bias":
+        del params["head"]["b"]
+    if variant == "after_readout":
+        params["branch"], params["zero"] = w["branch"], w["zero"]
+
+    def f(p, x):
+        h = jnp.tanh(x @ p["body"]["w"] + p["body"]["b"])
+        out = h @ p["head"]["w"] + p["head"]["b"] if "b" in p["head"] else h @ p["head"]["w"]
+        return out + (h @ p["branch"]) @ p["zero"] if "zero" in p else out
+
+    kwargs = {"params": params}
+    frozen = {"frozen_body": "body", "frozen_readout": "head"}.get(variant)
+    if frozen is not None:
+        kwargs["trainable"] = lambda name: not name.startswith(frozen)
+    return Built(f, kwargs)
+
+
+def kwargs_model(in_input: bool = False) -> Built:
+    """float64: tests/models/spec.py, ``kwargs_weights``."""
+    params = {k: jnp.asarray(v, dtype=jnp.float64) for k, v in kwargs_weights().items()}
+
+    def f(p, x, keep=None, scale=1.0):
+        if in_input:
+            x, keep = x[..., :-1], x[..., -1]
+        h = jnp.tanh(x @ p["w1"] + p["b1"]) * keep[..., None].astype(x.dtype)
+        return (h.sum(1) @ p["w2"] + p["b2"]) * scale
+
+    return Built(f, {"params": params})

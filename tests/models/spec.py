@@ -161,3 +161,62 @@ def structured_inputs(name: str) -> tuple[np.ndarray, np.ndarray]:
     if name in ("twice", "norule"):
         return rng.normal(size=(4, 6)), rng.normal(size=(3, 6))
     return rng.integers(0, 11, size=(4, 5)), rng.integers(0, 11, size=(3, 5))
+
+
+# Readout models (tests/conformance/test_readout.py): h = tanh(x·w1 + b1) (5 → 4, per token of
+# (3, 5) inputs), logits = h·A (+ b) over O = 11 > d = 4. Variants, every framework alike:
+# ``bias``; ``no_bias``; ``frozen_body`` (w1, b1 frozen: only the readout trains);
+# ``frozen_readout`` (A frozen: the general path); ``after_readout`` (+ (h·a)·z with z = 0, a
+# branch after the readout whose gradient is not zero: the reduction must refuse it); ``tied``
+# (ids < 11 through an embedding E (11 × 4) and logits h·Eᵀ: the general path).
+READOUT_VARIANTS = {  # name -> whether the readout reduction applies
+    "bias": True,
+    "no_bias": True,
+    "frozen_body": True,
+    "frozen_readout": False,
+    "after_readout": False,
+    "tied": False,
+}
+
+
+def readout_weights() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(11)
+    return {
+        "w1": rng.normal(size=(5, 4)) / np.sqrt(5),
+        "b1": 0.1 * rng.normal(size=(4,)),
+        "a": rng.normal(size=(4, 11)) / 2,
+        "b": 0.1 * rng.normal(size=(11,)),
+        "branch": rng.normal(size=(4, 2)),
+        "zero": np.zeros((2, 11)),
+        "embedding": rng.normal(size=(11, 4)),
+        "w_tied": rng.normal(size=(4, 4)) / 2,
+    }
+
+
+def readout_inputs(variant: str) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(12)
+    if variant == "tied":
+        return rng.integers(0, 11, size=(4, 3)), rng.integers(0, 11, size=(3, 3))
+    return rng.normal(size=(4, 3, 5)), rng.normal(size=(3, 3, 5))
+
+
+# The keyword-argument model (tests/conformance/test_model_kwargs.py): inputs (N, 3 tokens, 5),
+# h = tanh(x·w1 + b1) (5 → 4) per token, zeroed where ``keep`` (N, 3) is 0, summed over tokens,
+# out = (h·w2 + b2)·scale (4 → 3). The same model taking ``keep`` as a last input feature
+# (inputs (N, 3, 6)) is the reference.
+def kwargs_weights() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(21)
+    return {
+        "w1": rng.normal(size=(5, 4)) / np.sqrt(5),
+        "b1": 0.1 * rng.normal(size=(4,)),
+        "w2": rng.normal(size=(4, 3)) / 2,
+        "b2": 0.1 * rng.normal(size=(3,)),
+    }
+
+
+def kwargs_inputs() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """x1 (4, 3, 5), keep1 (4, 3) booleans, x2 (3, 3, 5), keep2 (3, 3)."""
+    rng = np.random.default_rng(22)
+    keep1 = np.array([[1, 1, 1], [1, 1, 0], [1, 0, 0], [0, 1, 1]], dtype=bool)
+    keep2 = np.array([[1, 0, 1], [1, 1, 1], [0, 0, 1]], dtype=bool)
+    return rng.normal(size=(4, 3, 5)), keep1, rng.normal(size=(3, 3, 5)), keep2

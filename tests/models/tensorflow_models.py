@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from . import Built
-from .spec import WIDE, spec, structured_inputs
+from .spec import WIDE, kwargs_weights, readout_weights, spec, structured_inputs
 
 CAPABILITIES = frozenset({"structured"})
 DTYPES = {"float32": tf.float32, "float64": tf.float64}
@@ -357,3 +357,64 @@ def recurrent_models() -> dict[str, tuple[Built, object]]:
 
 
 transformers_models = None  # the transformers zoo is torch's
+
+
+def readout_model(variant: str) -> Built:
+    """float64: tests/models/spec.py, ``READOUT_VARIANTS`` (a functional Keras model)."""
+    w = readout_weights()
+    if variant == "tied":
+        ids = keras.Input((3,), dtype="int32")
+        embedding = keras.layers.Embedding(11, 4, dtype="float64")
+        body = keras.layers.Dense(4, use_bias=False, activation="tanh", dtype="float64")
+        h = body(embedding(ids))
+        logits = keras.layers.Lambda(lambda h: keras.ops.matmul(h, keras.ops.transpose(embedding.embeddings)))(h)
+        model = keras.Model(ids, logits)
+        embedding.set_weights([w["embedding"]])
+        body.set_weights([w["w_tied"]])
+        return Built(model)
+    x = keras.Input((3, 5), dtype="float64")
+    body = keras.layers.Dense(4, activation="tanh", dtype="float64")
+    head = keras.layers.Dense(11, use_bias=variant != "no_bias", dtype="float64")
+    h = body(x)
+    out = head(h)
+    if variant == "after_readout":
+        branch = keras.layers.Dense(2, use_bias=False, dtype="float64")
+        zero = keras.layers.Dense(11, use_bias=False, kernel_initializer="zeros", dtype="float64")
+        out = keras.layers.Add(dtype="float64")([out, zero(branch(h))])
+        branch.set_weights([w["branch"]])
+    model = keras.Model(x, out)
+    body.set_weights([w["w1"], w["b1"]])
+    head.set_weights([w["a"], w["b"]] if variant != "no_bias" else [w["a"]])
+    frozen = {"frozen_body": body, "frozen_readout": head}.get(variant)
+    if frozen is not None:
+        frozen.trainable = False
+    return Built(model)
+
+
+class _Keep(keras.Model):
+    """tests/models/spec.py, ``kwargs_weights``: ``keep`` as a keyword argument, or as the last
+    input feature (``in_input``)."""
+
+    def __init__(self, in_input: bool) -> None:
+        super().__init__(dtype="float64")
+        self.in_input = in_input
+        self.l1 = keras.layers.Dense(4, dtype="float64")
+        self.l2 = keras.layers.Dense(3, dtype="float64")
+
+    def call(self, x, keep=None, scale=1.0):
+        if self.in_input:
+            x, keep = x[..., :-1], x[..., -1]
+        h = keras.ops.tanh(self.l1(x)) * keras.ops.cast(keep, x.dtype)[..., None]
+        return self.l2(keras.ops.sum(h, axis=1)) * scale
+
+
+def kwargs_model(in_input: bool = False) -> Built:
+    """float64: tests/models/spec.py, ``kwargs_weights``."""
+    model = _Keep(in_input)
+    width = 6 if in_input else 5
+    x = np.zeros((1, 3, width))
+    model(x) if in_input else model(x, keep=np.ones((1, 3), dtype=bool))
+    w = kwargs_weights()
+    model.l1.set_weights([w["w1"], w["b1"]])
+    model.l2.set_weights([w["w2"], w["b2"]])
+    return Built(model)

@@ -11,7 +11,7 @@ from torch import nn
 from ntkcore_torch import FactorizedLinear
 
 from . import Built
-from .spec import spec, structured_inputs
+from .spec import kwargs_weights, readout_weights, spec, structured_inputs
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 CAPABILITIES = frozenset({"structured"})
@@ -552,3 +552,67 @@ def transformers_models() -> dict[str, tuple[Built, np.ndarray, object, list[str
 
         found[name] = (Built(model, {"output": output}), x, reference, fallback)
     return found
+
+
+class _Readout(nn.Module):
+    """tests/models/spec.py, ``READOUT_VARIANTS``."""
+
+    def __init__(self, variant: str) -> None:
+        super().__init__()
+        w = readout_weights()
+        self.variant = variant
+        if variant == "tied":
+            self.embedding = nn.Embedding(11, 4)
+            self.body = nn.Linear(4, 4, bias=False)
+            with torch.no_grad():
+                self.embedding.weight.copy_(torch.as_tensor(w["embedding"]))
+                self.body.weight.copy_(torch.as_tensor(w["w_tied"].T))
+            return
+        self.body = _linear(w["w1"], w["b1"])
+        self.head = _linear(w["a"], w["b"])
+        if variant == "no_bias":
+            self.head.bias = None
+        if variant == "after_readout":
+            self.branch = nn.Linear(4, 2, bias=False)
+            self.zero = nn.Linear(2, 11, bias=False)
+            with torch.no_grad():
+                self.branch.weight.copy_(torch.as_tensor(w["branch"].T))
+                self.zero.weight.zero_()
+        frozen = {"frozen_body": self.body, "frozen_readout": self.head}.get(variant)
+        if frozen is not None:
+            frozen.weight.requires_grad_(False)
+            frozen.bias.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.variant == "tied":
+            return torch.tanh(self.body(self.embedding(x))) @ self.embedding.weight.T
+        h = torch.tanh(self.body(x))
+        out = self.head(h)
+        return out + self.zero(self.branch(h)) if self.variant == "after_readout" else out
+
+
+def readout_model(variant: str) -> Built:
+    """float64: tests/models/spec.py, ``READOUT_VARIANTS``."""
+    return Built(_Readout(variant).to(torch.float64))
+
+
+class _Keep(nn.Module):
+    """tests/models/spec.py, ``kwargs_weights``: ``keep`` as a keyword argument, or as the last
+    input feature (``in_input``)."""
+
+    def __init__(self, in_input: bool) -> None:
+        super().__init__()
+        w = kwargs_weights()
+        self.in_input = in_input
+        self.l1, self.l2 = _linear(w["w1"], w["b1"]), _linear(w["w2"], w["b2"])
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+        if self.in_input:
+            x, keep = x[..., :-1], x[..., -1]
+        h = torch.tanh(self.l1(x)) * keep[..., None].to(x.dtype)
+        return self.l2(h.sum(1)) * scale
+
+
+def kwargs_model(in_input: bool = False) -> Built:
+    """float64: tests/models/spec.py, ``kwargs_weights``."""
+    return Built(_Keep(in_input).to(torch.float64))

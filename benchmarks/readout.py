@@ -1,0 +1,146 @@
+"""The readout reduction on GPT-2-shaped language models (torch, CPU): the kernel of the logits
+traced over the vocabulary, with and without the reduction, beside the kernel of the hidden
+state alone (the readout removed: outputs = h), side by side.
+
+    python -m benchmarks.readout [--configs 256x1000,256x50257] [--repeats 2]
+
+transformers' GPT-2 with an untied readout (``tie_word_embeddings=False``; a tied one keeps the
+general path), 2 layers, 32 tokens, float32, N = 8, random weights; the model computes the last
+token's logits only (``logits_to_keep=1``, as generation does). Each run is a process of its
+own (a peak or a kill is its own); rows: warm time (median of later calls), first call, peak RSS.
+Results go to ``results/readout.json`` and a generated section of RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks import report
+from benchmarks.realistic import in_child, timed
+
+BEGIN = "<!-- begin: written by `python -m benchmarks.readout`; do not edit by hand -->"
+END = "<!-- end: written by `python -m benchmarks.readout` -->"
+N, TOKENS = 8, 32
+# (output, reduce_readout, implementation) per configuration
+RUNS = [
+    ("logits", True, "auto"),
+    ("logits", True, "jacobian_contraction"),
+    ("logits", True, "ntk_vector_products"),
+    ("logits", True, "structured"),
+    ("logits", False, "auto"),
+    ("logits", False, "jacobian_contraction"),
+    ("hidden", True, "auto"),
+]
+
+
+def build(config: str, output: str) -> tuple[Any, Any, dict]:
+    """(model, ids, ntk options): ``output`` "logits" (the vocabulary, traced) or "hidden"."""
+    import torch
+    import transformers as hf
+
+    width, vocabulary = (int(v) for v in config.split("x"))
+    torch.manual_seed(0)
+    cfg = hf.GPT2Config(
+        n_embd=width, n_layer=2, n_head=4, vocab_size=vocabulary, n_positions=64, tie_word_embeddings=False
+    )
+    cfg._attn_implementation = "eager"
+    model = hf.GPT2LMHeadModel(cfg).eval()
+
+    class LastToken(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm = model
+
+        def forward(self, ids: Any) -> Any:
+            if output == "hidden":
+                return self.lm.transformer(ids).last_hidden_state[:, -1]
+            return self.lm(ids, logits_to_keep=1).logits[:, -1]
+
+    ids = torch.randint(1, vocabulary, (N, TOKENS))
+    wrapper = LastToken().eval()
+    if output == "hidden":  # the readout removed: its weight is not a parameter of this kernel
+        model.lm_head.weight.requires_grad_(False)
+    return wrapper, ids, {"trace_axes": (-1,)}
+
+
+def one(config: str, output: str, reduce: bool, implementation: str, repeats: int) -> dict:
+    import ntkcore
+
+    model, x, options = build(config, output)
+    options["reduce_readout"] = reduce
+    explanation = ntkcore.explain(model, x, **options)
+    figures = timed(lambda: ntkcore.ntk(model, x, implementation=implementation, **options), repeats)
+    return {
+        "config": config,
+        "output": output,
+        "reduce": reduce,
+        "implementation": implementation,
+        "auto_choice": explanation.choice,
+        "readout": explanation.readout is not None,
+        **figures,
+    }
+
+
+def _child(args: tuple, timeout: float) -> dict:
+    config, output, reduce, implementation, _ = args
+    row = {"config": config, "output": output, "reduce": reduce, "implementation": implementation}
+    return in_child(
+        f"import json; from benchmarks import readout as r; print(json.dumps(r.one(*{args!r})))", row, timeout
+    )
+
+
+def markdown(rows: list[dict], command: str) -> str:
+    lines = [
+        BEGIN,
+        "## The readout reduction: GPT-2-shaped language models, torch on CPU (generated)",
+        "",
+        f"Produced by `{command}`: untied readout, 2 layers, {TOKENS} tokens, float32, N = {N}, the last "
+        "token's logits traced over the vocabulary; each run in a process of its own. `hidden`: the same "
+        "model's kernel of its last hidden state (the readout removed). Ratio: warm time over `hidden`'s.",
+        "",
+        "| n_embd × vocabulary | output | reduction | implementation | auto picked | warm s | first s | peak MB "
+        "| / hidden |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for config in dict.fromkeys(r["config"] for r in rows):
+        mine = [r for r in rows if r["config"] == config]
+        hidden = next((r for r in mine if r["output"] == "hidden" and "error" not in r), None)
+        for r in mine:
+            reduction = "on" if r["reduce"] else "off"
+            head = f"| {config} | {r['output']} | {reduction} | {r['implementation']} |"
+            if "error" in r:
+                lines.append(f"{head} | failed: {r['error']!r} | | | |")
+                continue
+            ratio = f"{r['seconds'] / hidden['seconds']:.2f}" if hidden else "—"
+            lines.append(
+                f"{head} {r['auto_choice']} | {r['seconds']:.3g} | {r['first_s']:.3g} | {r['peak_mb']:.0f} | {ratio} |"
+            )
+    return "\n".join([*lines, END]) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.readout", description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="256x1000,256x50257")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--out", default="benchmarks/results/readout.json")
+    parser.add_argument("--report", default="benchmarks/RESULTS.md")
+    args = parser.parse_args(argv)
+    rows = []
+    for config in args.configs.split(","):
+        for output, reduce, implementation in RUNS:
+            rows.append(_child((config, output, reduce, implementation, args.repeats), args.timeout))
+            print(json.dumps(rows[-1]), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+    command = " ".join(["python -m benchmarks.readout", *(argv if argv is not None else sys.argv[1:])])
+    report.write(Path(args.report), markdown(rows, command), BEGIN, END)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

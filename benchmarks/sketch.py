@@ -1,0 +1,117 @@
+"""The sketched NTK: error against time, beside the exact kernel's time (torch, CPU).
+
+    python -m benchmarks.sketch [--models bert,resnet18] [--ks 64,256,1024]
+
+The realistic-width workloads of ``benchmarks.realistic`` (a BERT-like transformer, 1.9 M
+parameters, its [CLS] state traced; a CIFAR ResNet-18, 11.2 M parameters, 10 logits), float32,
+N = 8. Per model, in one process: the exact kernel by ``auto`` (the reference, and its time),
+then for each k the plain sketch (k jvps of the batch) and the Kronecker-structured one (per
+layer, after the structured derivatives' N·O backward passes), each timed warm (the second call)
+with its relative error ‖Θ̂ − Θ‖_F / ‖Θ‖_F and the norm of its estimated standard error over the
+same. Results go to ``results/sketch.json`` and a generated section of RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import report
+from benchmarks.realistic import N, build
+
+BEGIN = "<!-- begin: written by `python -m benchmarks.sketch`; do not edit by hand -->"
+END = "<!-- end: written by `python -m benchmarks.sketch` -->"
+KINDS = {"plain": False, "kronecker": True}
+
+
+def _timed(fn):
+    fn()  # the first call: capture and compilation
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def run(name: str, ks: list[int], kinds: list[str]) -> list[dict]:
+    import torch
+
+    import ntkcore
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model, x, options = build(name)
+    rows = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exact, seconds = _timed(lambda: ntkcore.ntk(model, x, **options))
+        choice = ntkcore.explain(model, x, **options).choice
+        exact = exact.double().numpy()
+        params = sum(int(p.numel()) for p in model.parameters() if p.requires_grad)
+        rows.append({"model": name, "params": params, "method": f"exact ({choice})", "seconds": seconds})
+        for kind in kinds:
+            for k in ks:
+                sketch = {"sketch_dim": k, "seed": 0, "sketch_kronecker": KINDS[kind]}
+                (estimate, error), seconds = _timed(lambda s=sketch: ntkcore.sketched_ntk(model, x, **s, **options))
+                estimate, error = estimate.double().numpy(), error.double().numpy()
+                norm = np.linalg.norm(exact)
+                rows.append({
+                    "model": name, "params": params, "method": f"sketch {kind}", "k": k, "seconds": seconds,
+                    "error": float(np.linalg.norm(estimate - exact) / norm),
+                    "estimated": float(np.linalg.norm(error) / norm),
+                })  # fmt: skip
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def markdown(rows: list[dict], command: str) -> str:
+    lines = [
+        BEGIN,
+        "## The sketched NTK: error against time, torch on CPU (generated)",
+        "",
+        f"Produced by `{command}`: float32, N = {N}; warm times (the second call). Error: ‖Θ̂ − Θ‖_F / ‖Θ‖_F "
+        "against the exact kernel; estimated: the norm of the standard error `sketched_ntk` reports, "
+        "over ‖Θ‖_F. Time ratio: over the exact kernel's.",
+        "",
+        "| model | params | method | k | seconds | / exact | error | estimated error |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    exact = {r["model"]: r["seconds"] for r in rows if r["method"].startswith("exact")}
+    for r in rows:
+        k = r.get("k", "")
+        error = f"{r['error']:.3g}" if "error" in r else ""
+        estimated = f"{r['estimated']:.3g}" if "estimated" in r else ""
+        lines.append(
+            f"| {r['model']} | {r['params']:,} | {r['method']} | {k} | {r['seconds']:.3g} | "
+            f"{r['seconds'] / exact[r['model']]:.2f} | {error} | {estimated} |"
+        )
+    return "\n".join([*lines, END]) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.sketch", description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="bert,resnet18")
+    parser.add_argument("--ks", default="64,256,1024")
+    parser.add_argument("--kinds", default=",".join(KINDS))
+    parser.add_argument("--out", default="benchmarks/results/sketch.json")
+    parser.add_argument("--report", default="benchmarks/RESULTS.md")
+    parser.add_argument("--update", action="store_true", help="keep the other models' rows of --out")
+    args = parser.parse_args(argv)
+    ks = [int(k) for k in args.ks.split(",")]
+    names = args.models.split(",")
+    rows = [row for name in names for row in run(name, ks, args.kinds.split(","))]
+    if args.update and Path(args.out).exists():
+        rows = [r for r in json.loads(Path(args.out).read_text()) if r["model"] not in names] + rows
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+    command = " ".join(["python -m benchmarks.sketch", *(argv if argv is not None else sys.argv[1:])])
+    command = f"python -m benchmarks.sketch ...`, then `{command}" if args.update else command
+    report.write(Path(args.report), markdown(rows, command), BEGIN, END)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
