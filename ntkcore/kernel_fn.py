@@ -44,7 +44,9 @@ def _check_options(
         raise TypeError(f"trainable must be None or a predicate on parameter names, got {trainable!r}")
 
 
-def _check_sketch(implementation: Implementation, sketch: Sketch | None, per_layer: bool) -> Sketch | None:
+def _check_sketch(
+    implementation: Implementation, sketch: Sketch | None, per_layer: bool, batch_independent: bool | None
+) -> Sketch | None:
     """The sketch's options go with ``implementation="sketch"`` and only with it."""
     if implementation is not Implementation.SKETCH:
         if sketch is not None:
@@ -54,6 +56,11 @@ def _check_sketch(implementation: Implementation, sketch: Sketch | None, per_lay
         raise ValueError('implementation="sketch" needs sketch_dim= (random projections, e.g. 256)')
     if per_layer:
         raise ValueError('per_layer=True takes an exact implementation, not implementation="sketch"')
+    if sketch.kronecker and batch_independent is False:
+        raise ValueError(
+            "sketch_kronecker=True takes each example's layer inputs and cotangents, which a batch whose "
+            "examples interact does not have; with batch_independent=False use the plain sketch"
+        )
     return sketch
 
 
@@ -115,7 +122,7 @@ class KernelFn:
         self._model, self._params, self._kind = model, params, kind
         self._output, self._trainable, self._state, self._check_finite = output, trainable, state, check_finite
         self._implementation = Implementation.parse(implementation)
-        self._sketch = _check_sketch(self._implementation, sketch, per_layer)
+        self._sketch = _check_sketch(self._implementation, sketch, per_layer, batch_independent)
         self._memory_budget = memory.parse_budget(memory_budget)
         self._batch_size, self._progress, self._executor, self._per_layer = batch_size, progress, executor, per_layer
         self._backend_name, self._batch_independent = backend, batch_independent

@@ -115,10 +115,14 @@ class Sketch(Method):
 
         return compiled.lookup(compiled._COMPILED, ("sketch projection", call), make)
 
+    def _edges(self) -> list[int]:
+        """Where each block of the k tangents starts (blocks differ by at most one tangent)."""
+        return [round(b * self.sketch_dim / self.blocks) for b in range(self.blocks + 1)]
+
     def _chunks(self, size: int) -> Iterator[tuple[int, int, int]]:
         """(block, start, stop) of the tangents, chunks inside blocks, so that a chunk's tangents
         (``size`` signs per column) stay within TANGENT_ELEMENTS."""
-        edges = [round(b * self.sketch_dim / self.blocks) for b in range(self.blocks + 1)]
+        edges = self._edges()
         chunk = max(1, TANGENT_ELEMENTS // max(size, 1))
         for block in range(self.blocks):
             for start in range(edges[block], edges[block + 1], chunk):
@@ -166,8 +170,8 @@ class Sketch(Method):
         return mean, call.backend.namespace(mean).sqrt(spread / (self.blocks - 1))
 
     def _weights(self) -> list[float]:
-        """Each block's share of the k tangents (blocks differ by at most one tangent)."""
-        edges = [round(b * self.sketch_dim / self.blocks) for b in range(self.blocks + 1)]
+        """Each block's share of the k tangents."""
+        edges = self._edges()
         return [(edges[b + 1] - edges[b]) / self.sketch_dim for b in range(self.blocks)]
 
     def per_layer(self, call: KernelCall, params: Params, x1: Any, x2: Any, layers: Any) -> dict[str, Any]:

@@ -116,3 +116,8 @@ def test_never_auto_and_options_checked(backend, zoo):
         ntkcore.ntk(built.model, x1, implementation="sketch", sketch_dim=0, **built.kwargs)
     with pytest.raises(ValueError, match=r"per_layer=True takes an exact implementation"):
         ntkcore.ntk(built.model, x1, implementation="sketch", sketch_dim=16, per_layer=True, **built.kwargs)
+    with pytest.raises(ValueError, match=r"with batch_independent=False use the plain sketch"):
+        ntkcore.ntk(
+            built.model, x1, implementation="sketch", sketch_dim=16, sketch_kronecker=True,
+            batch_independent=False, **built.kwargs,
+        )  # fmt: skip
