@@ -211,14 +211,15 @@ def sketched_ntk(
     seed: int = 0,
     sketch_blocks: int = 8,
     sketch_kronecker: bool = False,
+    model_kwargs: Any = None,
     **options: Any,
 ) -> SketchedKernel:
     """The sketched NTK (``implementation="sketch"``) and its standard error, entry by entry.
 
     The k = ``sketch_dim`` random projections are split into ``sketch_blocks`` independent
     groups; their estimates average to the kernel and their spread estimates its error (the
-    true kernel lies within ±2 standard errors of most entries). ``options`` are those of
-    :func:`ntk_fn` (axes, ``params=``, ``output=``, ...).
+    true kernel lies within ±2 standard errors of most entries). ``model_kwargs`` as in
+    :func:`ntk`; ``options`` are those of :func:`ntk_fn` (axes, ``params=``, ``output=``, ...).
     """
     fn = ntk_fn(
         model,
@@ -229,7 +230,7 @@ def sketched_ntk(
         sketch_kronecker=sketch_kronecker,
         **options,
     )
-    return SketchedKernel(*fn.sketch_with_error(x1, x2))
+    return SketchedKernel(*fn.sketch_with_error(x1, x2, model_kwargs=model_kwargs))
 
 
 def explain(

@@ -243,10 +243,13 @@ class KernelFn:
         x1, x2, out_shape, axes = self.resolve(x1, x2)
         return self._planner.explain(x1, x2, out_shape, axes, self._implementation)
 
-    def sketch_with_error(self, x1: Any, x2: Any = None) -> tuple[Any, Any]:
+    def sketch_with_error(self, x1: Any, x2: Any = None, *, model_kwargs: Any = None) -> tuple[Any, Any]:
         """``implementation="sketch"``: (the estimate, its standard error entry by entry)."""
         if self._sketch is None:
             raise ValueError('an error estimate comes with implementation="sketch" (sketch_dim=) only')
+        if model_kwargs is not None:
+            fn, x1, x2 = self.with_arguments(model_kwargs, x1, x2)
+            return fn.sketch_with_error(x1, x2)
         x1, x2, out_shape, axes = self.resolve(x1, x2)
         capture = self._planner.capture(x1, warn=True) if self._sketch.uses_capture else None
         coupled = self._batch_independent is False
