@@ -59,7 +59,7 @@ def test_masks_with_tiles_and_every_entry_point(backend, zoo):
     nngp = zoo.to_numpy(ntkcore.nngp(built.model, x1, x2, model_kwargs=pair, **built.kwargs))
     assert nngp.shape == whole.shape
     sketched = ntkcore.sketched_ntk(built.model, x1, x2, sketch_dim=4096, model_kwargs=pair, **built.kwargs)
-    assert np.linalg.norm(zoo.to_numpy(sketched.kernel) - whole) < 0.2 * np.linalg.norm(whole)  # measured ~0.03
+    assert np.linalg.norm(zoo.to_numpy(sketched.kernel) - whole) < 0.25 * np.linalg.norm(whole)  # measured 0.07–0.08
 
 
 def test_shared_arguments(backend, zoo):
