@@ -129,15 +129,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--out", default="benchmarks/results/readout.json")
     parser.add_argument("--report", default="benchmarks/RESULTS.md")
+    parser.add_argument("--update", action="store_true", help="keep the other configurations' rows of --out")
     args = parser.parse_args(argv)
+    configs = args.configs.split(",")
     rows = []
-    for config in args.configs.split(","):
+    for config in configs:
         for output, reduce, implementation in RUNS:
             rows.append(_child((config, output, reduce, implementation, args.repeats), args.timeout))
             print(json.dumps(rows[-1]), flush=True)
+    if args.update and Path(args.out).exists():
+        rows = [r for r in json.loads(Path(args.out).read_text()) if r["config"] not in configs] + rows
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
     command = " ".join(["python -m benchmarks.readout", *(argv if argv is not None else sys.argv[1:])])
+    command = f"python -m benchmarks.readout --timeout 240`, then `{command}" if args.update else command
     report.write(Path(args.report), markdown(rows, command), BEGIN, END)
     return 0
 
