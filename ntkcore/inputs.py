@@ -40,11 +40,8 @@ def first_nonfinite(backend: AutodiffBackend, x: Any) -> tuple[int, ...]:
     return tuple(int(i) for i in found[0]) if len(found) else ()
 
 
-def check_input(
-    name: str, x: Any, backend: AutodiffBackend, prepared: PreparedModel, like: Any, check_finite: bool
-) -> Any:
-    """``x`` as a native array on ``like``'s device (floating point in ``like``'s dtype, numpy
-    or native alike), with a non-empty batch axis, a dtype the model takes and finite values."""
+def as_batch(name: str, x: Any, backend: AutodiffBackend, like: Any) -> Any:
+    """``x`` as a native array like ``like`` (where given), with a batch axis."""
     if like is not None:
         try:
             x = backend.asarray(x, like=like)
@@ -52,6 +49,15 @@ def check_input(
             raise TypeError(f"{name}: {error}") from None
     if len(x.shape) == 0:
         raise ValueError(f"{name} must have a leading batch axis, got a scalar")
+    return x
+
+
+def check_input(
+    name: str, x: Any, backend: AutodiffBackend, prepared: PreparedModel, like: Any, check_finite: bool
+) -> Any:
+    """``x`` as a native array on ``like``'s device (floating point in ``like``'s dtype, numpy
+    or native alike), with a non-empty batch axis, a dtype the model takes and finite values."""
+    x = as_batch(name, x, backend, like)
     if x.shape[0] == 0:
         raise ValueError(
             f"{name} has no examples (shape {tuple(x.shape)}): a kernel needs at least one example on each side"

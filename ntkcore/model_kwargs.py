@@ -12,6 +12,7 @@ check sees one batch; the model's call unpacks them. The packed dtype holds ever
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,9 +20,10 @@ from typing import Any
 import numpy as np
 
 from . import compiled
+from .inputs import as_batch
 from .protocol import ApplyFn, AutodiffBackend
 
-_PACKED: dict = {}
+_APPLIES: OrderedDict = OrderedDict()  # the wrapped applies, so that compiled kernels are reused
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ def _check_names(kwargs: Mapping, label: str) -> None:
 def shared_apply(apply: ApplyFn, kwargs: Mapping[str, Any], key: Any) -> ApplyFn:
     """``apply`` with ``kwargs`` in every call; one per (apply, ``key``: :func:`identity` of the
     arguments as given), so compiled kernels are reused while they are the same objects."""
-    return compiled.lookup(_cache(), ("shared", apply, key), lambda: lambda p, x: apply(p, x, **kwargs))
+    return compiled.lookup(_APPLIES, ("shared", apply, key), lambda: lambda p, x: apply(p, x, **kwargs))
 
 
 def native_shared(backend: AutodiffBackend, kwargs: Mapping[str, Any], like: Any) -> dict[str, Any]:
@@ -90,21 +92,10 @@ def identity(kwargs: Mapping[str, Any] | None) -> tuple | None:
     return tuple((k, token(v)) for k, v in sorted(kwargs.items()))
 
 
-def _cache() -> Any:
-    from collections import OrderedDict
-
-    return _PACKED.setdefault("cache", OrderedDict())
-
-
 def pack(backend: AutodiffBackend, x: Any, arguments: Mapping[str, Any], like: Any, side: str) -> tuple[Any, Layout]:
     """``x`` with its per-example ``arguments`` packed after it, (N, size), native; the packed
     batch then takes the usual input checks."""
-    try:
-        x = backend.asarray(x, like=like)
-    except TypeError as error:
-        raise TypeError(f"{side}: {error}") from None
-    if len(x.shape) == 0:
-        raise ValueError(f"{side} must have a leading batch axis, got a scalar")
+    x = as_batch(side, x, backend, like)
     xp = backend.namespace(x)
     n = x.shape[0]
     native = {}
@@ -175,4 +166,4 @@ def packed_apply(apply: ApplyFn, layout: Layout) -> ApplyFn:
 
         return unpacked
 
-    return compiled.lookup(_cache(), ("packed", apply, layout), make)
+    return compiled.lookup(_APPLIES, ("packed", apply, layout), make)

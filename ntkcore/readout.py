@@ -229,8 +229,8 @@ def _sandwich(xp: Any, theta_h: Any, a: Any, axes: KernelAxes) -> tuple[Any, lis
 
 def _token_axes(axes: KernelAxes) -> KernelAxes:
     """The axes of f without its last (feature) axis: the readout's token axes."""
-    last = axes.ndim - 1
-    return KernelAxes(last, tuple(a for a in axes.trace if a != last), tuple(a for a in axes.diagonal if a != last))
+    inner = body_axes(axes)
+    return KernelAxes(axes.ndim - 1, inner.trace, inner.diagonal)
 
 
 def _head_terms(
