@@ -396,7 +396,8 @@ class _Keep(keras.Model):
     input feature (``in_input``)."""
 
     def __init__(self, in_input: bool) -> None:
-        super().__init__(dtype="float64")
+        # a name of its own: the class's ("__keep") is no valid TensorFlow name scope inside tf.function
+        super().__init__(name="keep_model", dtype="float64")
         self.in_input = in_input
         self.l1 = keras.layers.Dense(4, dtype="float64")
         self.l2 = keras.layers.Dense(3, dtype="float64")
