@@ -27,7 +27,8 @@ class PreparedModel:
     BatchNorm), or is ``None`` when the adapter knows of nothing that does.
     ``accepts_integer_inputs(x)`` says whether the model consumes integer inputs ``x`` as
     indices (an embedding) rather than as numbers; integer inputs it does not accept are
-    refused with a clear error.
+    refused with a clear error. ``handles`` are the framework's own objects behind ``params``,
+    in its order, where the adapter's capture needs them (Keras variables).
     """
 
     apply: ApplyFn
@@ -35,6 +36,7 @@ class PreparedModel:
     batch_coupled: str | None = None
     accepts_integer_inputs: Callable[[Array], bool] = lambda x: False
     source: Any = field(default=None, repr=False)
+    handles: tuple[Any, ...] = field(default=(), repr=False)
 
 
 LAYER_OUTPUT = "/output"  # suffix of a captured call's output among apply_probed's inputs

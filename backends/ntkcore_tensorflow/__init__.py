@@ -135,7 +135,7 @@ def _prepare_keras(
 
     apply = _shared(apply, model, variables, names)
     embedding = any(isinstance(layer, keras.layers.Embedding) for layer in _sublayers(model))
-    return PreparedModel(apply, values, None, lambda x: embedding, source=model)
+    return PreparedModel(apply, values, None, lambda x: embedding, source=model, handles=tuple(variables))
 
 
 @contextmanager

@@ -105,9 +105,9 @@ def _sublayers(layer: Any) -> list[Any]:
     return list(layer._flatten_layers(include_self=True, recursive=True))
 
 
-def _table(keras: Any, model: Any, params: Mapping[str, Any]) -> tuple[dict, dict[str, LayerEntry], dict, list]:
-    """(path -> layer, path -> its rule's entry, path -> role -> variable, layers without a rule)."""
-    name_of = {id(v): name for name, v in zip(params, model.trainable_variables)}
+def _table(keras: Any, model: Any, name_of: Mapping[int, str]) -> tuple[dict, dict[str, LayerEntry], dict, list]:
+    """(path -> layer, path -> its rule's entry, path -> role -> variable, layers without a rule);
+    ``name_of`` maps θ's variables (by id) to their names in the parameter map."""
     layers, table, variables = {}, {}, {}
     for layer in _sublayers(model):
         rule = _rule(keras, layer)
@@ -120,8 +120,8 @@ def _table(keras: Any, model: Any, params: Mapping[str, Any]) -> tuple[dict, dic
             layers[path], variables[path] = layer, role_variables
             table[path] = LayerEntry(kind, {role: name_of[id(v)] for role, v in role_variables.items()}, axis)
     covered = {name for entry in table.values() for name in entry.roles.values()}
-    trainable = zip(params, model.trainable_variables)
-    unsupported = sorted({v.path.rpartition("/")[0] for name, v in trainable if name not in covered})
+    theta = {id(v): v for v in model.variables}
+    unsupported = sorted({theta[i].path.rpartition("/")[0] for i, name in name_of.items() if name not in covered})
     return layers, table, variables, unsupported
 
 
@@ -199,9 +199,9 @@ def capture(prepared: PreparedModel, x: Any) -> Capture:
     keras = sys.modules.get("keras")
     if keras is None or not isinstance(model, keras.Layer):
         return Capture((), lambda p, probes, batch: (apply(p, batch), {}), {}, (f"{type(model).__name__} (tf.Module)",))
-    found = _table(keras, model, params)
+    name_of = {id(v): name for name, v in zip(params, prepared.handles)}  # θ's variables: trainable= chooses
+    found = _table(keras, model, name_of)
     audit, recorder = ParameterAudit(owners_of(found[1])), CallRecorder()
-    name_of = {id(v): name for name, v in zip(params, model.trainable_variables)}
 
     read = keras.StatelessScope.get_current_value
 

@@ -376,9 +376,14 @@ def test_trainable_chooses_the_parameters(backend, zoo):
 
     built, x1, x2 = _mlp(zoo)
     layers = ntkcore.ntk(built.model, x1, x2, per_layer=True, **built.kwargs)
-    first = next(iter(layers))
-    kernel = ntkcore.ntk(built.model, x1, x2, trainable=lambda name: layer_name(name) == first, **built.kwargs)
-    expected = zoo.to_numpy(layers[first])
-    np.testing.assert_allclose(zoo.to_numpy(kernel), expected, rtol=1e-10, atol=1e-12 * np.abs(expected).max())
+    implementations = [m for m in REGISTRY if m != "structured" or "structured" in zoo.CAPABILITIES]
+    for chosen in (next(iter(layers)), list(layers)[-1]):  # not only a prefix of the parameters
+        expected = zoo.to_numpy(layers[chosen])
+        for implementation in implementations:
+            kernel = ntkcore.ntk(
+                built.model, x1, x2, trainable=lambda name, chosen=chosen: layer_name(name) == chosen,
+                implementation=implementation, **built.kwargs,
+            )  # fmt: skip
+            np.testing.assert_allclose(zoo.to_numpy(kernel), expected, rtol=1e-10, atol=1e-12 * np.abs(expected).max())
     with pytest.raises(TypeError, match="trainable must be None or a predicate"):
         ntkcore.ntk(built.model, x1, trainable="l1", **built.kwargs)
