@@ -153,6 +153,13 @@ class KernelFn:
                 "model.eval()), or pass batch_independent=False to compute the exact kernel of "
                 "the batch as a whole."
             )
+        self._prepared = prepared = self._wrapped(prepared)
+        self._planner = Planner(
+            self._backend, prepared, self._batch_independent, self._memory_budget, self._reduce_readout, self._widened
+        )
+
+    def _wrapped(self, prepared: PreparedModel) -> PreparedModel:
+        """``prepared`` with the call's model keyword arguments and output selection applied."""
         if self._arguments is not None:
             shared, layout = self._arguments
             apply = prepared.apply
@@ -163,10 +170,13 @@ class KernelFn:
             prepared = dataclasses.replace(prepared, apply=apply)
         if self._output is not None:
             prepared = dataclasses.replace(prepared, apply=selected_apply(prepared.apply, self._output))
-        self._prepared = prepared
-        self._planner = Planner(
-            self._backend, prepared, self._batch_independent, self._memory_budget, self._reduce_readout
-        )
+        return prepared
+
+    def _widened(self) -> PreparedModel:
+        """The model prepared with every floating parameter as θ: where the readout reduction
+        looks for a frozen readout (its frozen parameters are then constants of the kernel)."""
+        extra = {"state": self._state} if self._state is not None else {}
+        return self._wrapped(self._backend.prepare(self._model, self._params, trainable=lambda name: True, **extra))
 
     # -- the interface of the tiled path and the operators ----------------------------------
     @property

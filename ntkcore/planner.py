@@ -6,6 +6,7 @@ memory-budget guard of an explicit implementation, the adapter's layer capture, 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from . import compiled, memory
@@ -42,8 +43,9 @@ class Planner:
         batch_independent: bool | None,
         memory_budget: Any,
         reduce_readout: bool | None = None,
+        widened: Callable[[], PreparedModel] | None = None,
     ) -> None:
-        self._backend, self._prepared = backend, prepared
+        self._backend, self._prepared, self._widened = backend, prepared, widened
         self._batch_independent, self._memory_budget = batch_independent, memory_budget
         self._reduce_readout = reduce_readout
 
@@ -166,11 +168,22 @@ class Planner:
 
         def make() -> Readout | None:
             try:
-                return find(backend, self.capture(x1, warn=False), prepared.params, x1[:1], out_shape)
+                found = find(backend, self.capture(x1, warn=False), prepared.params, x1[:1], out_shape)
+                return found if found is not None or self._widened is None else self._frozen_readout(x1, out_shape)
             except Exception:  # no capture, or a model the probes cannot run: the general path (exact)
                 return None
 
         return compiled.lookup(compiled._CAPTURES, key, make)
+
+    def _frozen_readout(self, x1: Any, out_shape: tuple[int, ...]) -> Readout | None:
+        """A readout with frozen parameters: found in the capture of the model with every
+        floating parameter as θ, those outside the kernel's θ held as constants."""
+        widened = self._widened()
+        frozen = frozenset(widened.params) - frozenset(self._prepared.params)
+        if not frozen or not frozenset(self._prepared.params) <= frozenset(widened.params):
+            return None
+        capture = self._backend.capture(widened, x1[:1])
+        return find(self._backend, capture, widened.params, x1[:1], out_shape, frozen)
 
     def auto_choice(self, x1: Any, x2: Any, out_shape: tuple[int, ...], axes: KernelAxes) -> str:
         """The cheapest predicted implementation that fits the budget, cached per shapes."""

@@ -22,10 +22,17 @@ The readout is found in the adapter's capture and proven to be one, never assume
   body reaches f only through h (a branch added after the readout, as a zero-initialised
   adapter, is refused);
 - h has a zero derivative along A and b, and A and b appear in no other captured call and no
-  use outside their layer: a readout tied to an input embedding keeps the exact general path.
+  use outside their layer (trainable ones; frozen ones are constants, below): a trainable
+  readout tied to an input embedding keeps the exact general path.
 
-A frozen readout weight is not a parameter of the kernel and is invisible to the capture; such a
-model takes the general path (exact).
+A frozen readout (``requires_grad=False``, Keras ``trainable=False``, a JAX leaf ``trainable=``
+leaves out) is not a parameter of the kernel, so the capture of θ does not see it. The planner
+then captures the model with every floating parameter as θ (the adapter's ``trainable=``) and
+looks for the readout there; the parameters outside θ enter the body's capture as constants
+(:attr:`Readout.constants`), and only the readout's trainable parts add their closed-form
+terms: a frozen A gives Θ = A·Θ_h·Aᵀ (+ I for a trainable bias). A frozen A may be tied to an
+input embedding (GPT-2's ``lm_head`` with ``wte`` frozen): it is a constant, so there is no
+cross term.
 """
 
 from __future__ import annotations
@@ -64,11 +71,17 @@ class Readout:
     width: int
     outputs: int
     tokens: tuple[int, ...] = ()  # f's axes before the last: h is (N, *tokens, d)
+    capture: Capture | None = None  # found in a capture with every parameter as θ (a frozen readout)
+    constants: Params = dataclasses.field(default_factory=dict)  # that capture's parameters outside θ
 
     @property
     def names(self) -> tuple[str, ...]:
-        """The readout's trainable parameters."""
+        """The readout's parameters (frozen ones included: those are in :attr:`constants`)."""
         return (self.weight,) if self.bias is None else (self.weight, self.bias)
+
+    def trainable(self, params: Params) -> tuple[str, ...]:
+        """The readout's parameters among ``params`` (θ of the kernel call)."""
+        return tuple(n for n in self.names if n in params)
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -77,32 +90,45 @@ class Readout:
 
     def describe(self) -> str:
         """The line ``explain`` shows."""
-        bias = "" if self.bias is None else " + I"
+        frozen = self.weight in self.constants
+        weight = "" if frozen else " + (h1·h2)·I"
+        bias = "" if self.bias is None or self.bias in self.constants else " + I"
         return (
-            f"readout {self.matmul.layer!r} (d = {self.width} -> O = {self.outputs}): Θ = A·Θ_h·Aᵀ + (h1·h2)·I"
-            f"{bias}; an implementation marked 'readout reduced' differentiates the {self.width}-dimensional h, "
-            f"not the {self.outputs} outputs"
+            f"readout {self.matmul.layer!r} (d = {self.width} -> O = {self.outputs}{', frozen' if frozen else ''}): "
+            f"Θ = A·Θ_h·Aᵀ{weight}{bias}; an implementation marked 'readout reduced' differentiates the "
+            f"{self.width}-dimensional h, not the {self.outputs} outputs"
         )
 
     def body_capture(self, capture: Capture, head: Params | None = None, mix: Any = None) -> Capture:
         """The capture of h = the readout's input as the model's output (h·mix with ``mix``, a
-        d×d matrix). With ``head`` (the readout's parameter values), its ``apply_probed`` runs;
-        without, only its shapes are read."""
-        uses = tuple(u for u in capture.uses if u.key not in self.keys)
-        shapes = {k: v for k, v in capture.output_shapes.items() if k not in self.keys}
+        d×d matrix). With ``head`` (the readout's trainable parameter values), its
+        ``apply_probed`` runs; without, only its shapes are read. A readout found with every
+        parameter as θ (:attr:`capture`) keeps the calls and exclusions of the body's θ only."""
+        capture = self.capture or capture
+        constants = self.constants
+        uses, drop = [], set(self.keys)
+        for use in capture.uses:
+            roles = {r: n for r, n in use.params.items() if n not in constants}
+            if use.key in drop or not roles:
+                drop.add(use.key)
+            else:
+                uses.append(use if len(roles) == len(use.params) else dataclasses.replace(use, params=roles))
+        shapes = {k: v for k, v in capture.output_shapes.items() if k not in drop}
+        excluded = {n: why for n, why in capture.excluded.items() if n not in constants}
+        body = dataclasses.replace(capture, uses=tuple(uses), output_shapes=shapes, excluded=excluded)
         if head is None:
-            return dataclasses.replace(capture, uses=uses, output_shapes=shapes)
-        like = next(iter(head.values()))
+            return body
+        like = next(iter({**head, **constants}.values()))
 
         def apply_probed(params: Params, probes: Any, x: Any) -> tuple[Any, dict]:
             xp_ = namespace_of(like)
-            still = zeros(xp_, {k: capture.output_shapes[k] for k in self.keys}, like)
-            _, inputs = capture.apply_probed({**params, **head}, {**probes, **still}, x)
+            still = zeros(xp_, {k: capture.output_shapes[k] for k in drop}, like)
+            _, inputs = capture.apply_probed({**params, **constants, **head}, {**probes, **still}, x)
             h = inputs[self.matmul.key]
             h = xp_.reshape(h, (h.shape[0], *self.tokens, self.width))
             return (h if mix is None else xp_.matmul(h, mix)), inputs
 
-        return Capture(uses, apply_probed, shapes, capture.unsupported, capture.excluded, capture.framework_gradients)
+        return dataclasses.replace(body, apply_probed=apply_probed)
 
 
 def _random_like(backend: AutodiffBackend, params: Params, names: Any, seed: int) -> dict[str, Any]:
@@ -110,8 +136,11 @@ def _random_like(backend: AutodiffBackend, params: Params, names: Any, seed: int
     return {n: backend.asarray(rng.standard_normal(tuple(params[n].shape)), like=params[n]) for n in names}
 
 
-def _candidate(capture: Capture, params: Params, out_shape: tuple[int, ...]) -> Readout | None:
-    """The readout the capture's last calls would form, from shapes alone (or ``None``)."""
+def _candidate(
+    capture: Capture, params: Params, out_shape: tuple[int, ...], frozen: frozenset[str] = frozenset()
+) -> Readout | None:
+    """The readout the capture's last calls would form, from shapes alone (or ``None``); the
+    ``frozen`` parameters are constants of the kernel, which may be used elsewhere too."""
     uses = list(capture.uses)
     if not uses or not out_shape:
         return None
@@ -140,7 +169,7 @@ def _candidate(capture: Capture, params: Params, out_shape: tuple[int, ...]) -> 
     width = shape[1] if shape[0] == outputs else shape[0]
     if width >= outputs:
         return None
-    head = {weight} | ({bias} if bias else set())
+    head = ({weight} | ({bias} if bias else set())) - frozen
     readout_keys = {last.key} | ({bias_use.key} if bias_use else set())
     if head & set(capture.excluded) or any(head & set(u.params.values()) for u in uses if u.key not in readout_keys):
         return None
@@ -148,10 +177,17 @@ def _candidate(capture: Capture, params: Params, out_shape: tuple[int, ...]) -> 
 
 
 def find(
-    backend: AutodiffBackend, capture: Capture, params: Params, x: Any, out_shape: tuple[int, ...]
+    backend: AutodiffBackend,
+    capture: Capture,
+    params: Params,
+    x: Any,
+    out_shape: tuple[int, ...],
+    frozen: frozenset[str] = frozenset(),
 ) -> Readout | None:
-    """The model's readout (see the module docstring), or ``None``; ``x`` is a batch of one."""
-    readout = _candidate(capture, params, out_shape)
+    """The model's readout (see the module docstring), or ``None``; ``x`` is a batch of one.
+    ``frozen`` names the parameters of ``params`` that are constants of the kernel (the capture
+    then has every parameter as θ): the readout is returned with them as its constants."""
+    readout = _candidate(capture, params, out_shape, frozen)
     if readout is None:
         return None
     xp = backend.namespace(x)
@@ -179,14 +215,18 @@ def find(
     checks = (  # (parameters moved, what must not move)
         (list(params), lambda p: minus(residuals({**params, **p}), 1)),
         ([n for n in params if n != readout.bias], lambda p: minus(residuals({**params, **p}), 2)),
-        (list(readout.names), lambda p: residuals({**params, **p})[3]),
+        ([n for n in readout.names if n not in frozen], lambda p: residuals({**params, **p})[3]),
     )
     for seed, (names, fn) in enumerate(checks):
+        if not names:
+            continue
         tangent = _random_like(backend, params, names, seed)
         _, moved = backend.jvp(fn, {n: params[n] for n in names}, tangent)
         if np.any(backend.to_numpy(moved) != 0):
             return None
-    return readout
+    if not frozen:
+        return readout
+    return dataclasses.replace(readout, capture=capture, constants={n: params[n] for n in frozen})
 
 
 def _apply_of(backend: AutodiffBackend, capture: Capture, like: Any) -> Any:
@@ -271,19 +311,23 @@ class Reduced(Method):
         """The kernel call of h (of R·h when the outputs are traced), the body's parameters and
         the readout's."""
         readout, xp = self.readout, call.backend.namespace(next(iter(params.values())))
-        head = {n: params[n] for n in readout.names}
+        head = {n: params[n] for n in readout.trainable(params)}
         body = {n: v for n, v in params.items() if n not in head}
         traced = call.axes.ndim - 1 in call.axes.trace
         mix = xp.permute_dims(xp.linalg.qr(self._a(xp, head))[1], (1, 0)) if traced else None  # h·Rᵀ
         capture = readout.body_capture(call.capture, head, mix)
         axes = call.axes if traced else body_axes(call.axes)
         out_h = (*call.out_shape[:-1], readout.width)
-        apply = _apply_of(call.backend, capture, next(iter(head.values())))
+        apply = _apply_of(call.backend, capture, self._like(head))
         return KernelCall(call.backend, apply, axes, out_h, False, capture), body, head
+
+    def _like(self, head: Params) -> Any:
+        """An array of the readout's dtype and device."""
+        return next(iter({**head, **self.readout.constants}.values()))
 
     def _a(self, xp: Any, head: Params) -> Any:
         """A as (O, d)."""
-        a = head[self.readout.weight]
+        a = {**self.readout.constants, **head}[self.readout.weight]
         return xp.permute_dims(a, (1, 0)) if self.readout.transposed else a
 
     def _from_body(self, call: KernelCall, part: Any, head: Params) -> Any:
@@ -306,17 +350,19 @@ class Reduced(Method):
         """h on both sides: the readout's input itself, also when ``inner`` is the kernel of R·h."""
         apply = inner.apply
         if call.axes.ndim - 1 in call.axes.trace:
-            apply = _apply_of(call.backend, self.readout.body_capture(call.capture, head), next(iter(head.values())))
+            apply = _apply_of(call.backend, self.readout.body_capture(call.capture, head), self._like(head))
         h1 = apply(body, x1)
         return h1, h1 if x2 is None else apply(body, x2)
 
     def kernel(self, call: KernelCall, params: Params, x1: Any, x2: Any) -> Any:
         inner_call, body, head = self._body(call, params)
-        h1, h2 = self._inputs(call, inner_call, body, head, x1, x2)
-        total = self._head(call, h1, h2, weight=True, bias=self.readout.bias is not None)
-        if body:
-            total = total + self._from_body(call, self.inner.kernel(inner_call, body, x1, x2), head)
-        return total
+        readout = self.readout
+        parts = [self._from_body(call, self.inner.kernel(inner_call, body, x1, x2), head)] if body else []
+        if head:
+            h1, h2 = self._inputs(call, inner_call, body, head, x1, x2)
+            weight, bias = readout.weight in head, readout.bias is not None and readout.bias in head
+            parts.append(self._head(call, h1, h2, weight=weight, bias=bias))
+        return parts[0] if len(parts) == 1 else parts[0] + parts[1]
 
     def per_layer(self, call: KernelCall, params: Params, x1: Any, x2: Any, layers: Any) -> dict[str, Any]:
         """The body's layers through the readout; the readout's weight and bias terms in closed form."""
@@ -325,8 +371,8 @@ class Reduced(Method):
         body_layers = {k: v for k, v in body_layers.items() if v}
         parts = self.inner.per_layer(inner_call, body, x1, x2, body_layers) if body_layers else {}
         result = {k: self._from_body(call, part, head) for k, part in parts.items()}
-        h1, h2 = self._inputs(call, inner_call, body, head, x1, x2)
-        for name in self.readout.names:
+        h1, h2 = self._inputs(call, inner_call, body, head, x1, x2) if head else (None, None)
+        for name in head:
             term = self._head(call, h1, h2, weight=name == self.readout.weight, bias=name == self.readout.bias)
             layer = next(k for k, v in layers.items() if name in v)
             result[layer] = term if layer not in result else result[layer] + term

@@ -1,7 +1,8 @@
 """The readout reduction (ntkcore/readout.py): models that end in a wide linear layer get the
 same kernel as the general path, in every implementation and axes option, and ``explain``
-says when the reduction is taken; models where it would be wrong (a frozen or tied readout, a
-branch added after it) keep the general path.
+says when the reduction is taken (a frozen readout too: its weight a constant of the kernel);
+models where it would be wrong (a trainable tied readout, a branch added after it) keep the
+general path.
 
 Tolerance: float64, relative to the kernel's largest entry, 1e-10 — the two paths sum the same
 products in different orders (the sandwich A·Θ_h·Aᵀ against J·Jᵀ over O outputs), rounding
@@ -56,7 +57,8 @@ def test_explain_reports_the_reduction(backend, zoo, variant):
     if READOUT_VARIANTS[variant]:
         assert explanation.readout is not None and "d = 4 -> O = 11" in explanation.readout
         assert explanation.readout in str(explanation)
-        assert ("+ I" in explanation.readout) == (variant != "no_bias")
+        assert ("+ I" in explanation.readout) == (variant not in ("no_bias", "frozen_readout"))
+        assert ("frozen" in explanation.readout) == (variant == "frozen_readout")
     else:
         assert explanation.readout is None
     forced = ntkcore.explain(

@@ -59,3 +59,28 @@ def test_a_model_output_needs_output(backend, zoo):
         ntkcore.ntk(built.model, x)
     kernel = ntkcore.ntk(built.model, x, output="logits", trace_axes=(-1,))
     assert tuple(kernel.shape) == (3, 3, 6, 6)
+
+
+def test_gpt2_frozen_tied_readout_is_reduced(backend, zoo):
+    """GPT-2 with its embedding frozen (fine-tuning the blocks): ``lm_head`` is tied to ``wte``,
+    a constant of the kernel, so the readout reduction applies (no cross term) and equals the
+    general path; float64, 1e-10 of the largest entry (sums in another order, rounding ~1e-15)."""
+    if zoo.transformers_models is None:
+        pytest.skip("the transformers zoo is torch's")
+    hf = pytest.importorskip("transformers")
+    import torch
+
+    torch.manual_seed(0)
+    config = hf.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=16)
+    model = hf.GPT2LMHeadModel(config).double().eval()
+    model.transformer.wte.weight.requires_grad_(False)
+    ids = torch.randint(0, 50, (3, 5))
+    options = {"output": lambda out: out.logits[:, -1], "model_kwargs": {"logits_to_keep": 1}}
+    readout = ntkcore.explain(model, ids, trace_axes=(-1,), **options).readout
+    assert readout is not None and "'lm_head' (d = 16 -> O = 50, frozen): Θ = A·Θ_h·Aᵀ;" in readout
+    for axes in ({}, {"trace_axes": (-1,)}, {"diagonal_axes": (-1,)}):
+        for implementation in ("structured", "ntk_vector_products"):
+            reduced = ntkcore.ntk(model, ids, implementation=implementation, reduce_readout=True, **axes, **options)
+            general = ntkcore.ntk(model, ids, implementation=implementation, reduce_readout=False, **axes, **options)
+            atol = 1e-10 * general.abs().max().item()
+            np.testing.assert_allclose(reduced.numpy(), general.numpy(), rtol=0, atol=atol)

@@ -173,7 +173,7 @@ READOUT_VARIANTS = {  # name -> whether the readout reduction applies
     "bias": True,
     "no_bias": True,
     "frozen_body": True,
-    "frozen_readout": False,
+    "frozen_readout": True,  # found with every parameter as θ; A and b constants
     "after_readout": False,
     "tied": False,
 }
