@@ -8,7 +8,8 @@ A ``tf.Module`` has no such hook: its parameter map holds its own variables, whi
 autodiff functions watch directly.
 
 jvp is ``tf.autodiff.ForwardAccumulator``, vjp a persistent ``tf.GradientTape``, vmap
-``tf.vectorized_map`` (pfor, with the while-loop fallback for any op it cannot vectorise)
+``tf.vectorized_map`` (pfor with the rules of :mod:`.pfor_rules`, and the while-loop fallback for
+any op it still cannot vectorise)
 and jit ``tf.function``.
 """
 
@@ -25,6 +26,7 @@ import tensorflow as tf
 from ntkcore.adapter import Adapter, ApplyCache, replaced_params
 from ntkcore.protocol import PreparedModel
 
+from . import pfor_rules
 from . import xp as _xp
 from .layers import FactorizedDense
 
@@ -310,15 +312,16 @@ class TensorFlowBackend(Adapter):
                 return fn(*full)
 
             elems = tuple(args[i] for i in mapped)
-            n = tf.nest.flatten(elems)[0].shape[0]
-            if n == 0:  # pfor over zero iterations divides by zero (SIGFPE): map one dummy, keep none
-                dummy = tf.nest.map_structure(lambda e: tf.zeros((1, *e.shape[1:]), e.dtype), elems)
-                return tf.nest.map_structure(
-                    lambda t: t[:0], tf.vectorized_map(body, dummy, fallback_to_while_loop=True)
-                )
-            if chunk_size is None or n is None or n <= chunk_size:
-                return tf.vectorized_map(body, elems, fallback_to_while_loop=True)
-            return _chunked_map(body, elems, n, chunk_size)
+            with pfor_rules.installed():  # rules pfor lacks, for this vectorisation only
+                n = tf.nest.flatten(elems)[0].shape[0]
+                if n == 0:  # pfor over zero iterations divides by zero (SIGFPE): map one dummy, keep none
+                    dummy = tf.nest.map_structure(lambda e: tf.zeros((1, *e.shape[1:]), e.dtype), elems)
+                    return tf.nest.map_structure(
+                        lambda t: t[:0], tf.vectorized_map(body, dummy, fallback_to_while_loop=True)
+                    )
+                if chunk_size is None or n is None or n <= chunk_size:
+                    return tf.vectorized_map(body, elems, fallback_to_while_loop=True)
+                return _chunked_map(body, elems, n, chunk_size)
 
         return vectorised
 
@@ -342,7 +345,7 @@ def _chunked_map(body: Callable, elems: tuple, n: int, size: int) -> Any:
     """
 
     def chunk(part: Any) -> Any:
-        return tf.vectorized_map(body, part, fallback_to_while_loop=True)
+        return tf.vectorized_map(body, part, fallback_to_while_loop=True)  # inside pfor_rules.installed()
 
     def take(start: int, stop: int) -> Any:
         return tf.nest.map_structure(lambda e: e[start:stop], elems)
