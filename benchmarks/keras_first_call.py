@@ -6,8 +6,8 @@ Keras applications built with ``weights=None`` at 32×32×3, 10 classes, float32
 kernel. Each (model, implementation, rules) runs in a process of its own: the first call
 (capture, tracing, pfor's vectorisation, graph optimisation) and the median of two warm calls,
 with ntkcore's pfor rules (``backends/ntkcore_tensorflow/pfor_rules.py``) installed as shipped
-(``on``) or replaced by a no-op (``off``: TensorFlow's own rules, a while_loop per convolution's
-per-example filter gradient). The kernel's checksum shows both give the same kernel. Results go
+(``on``) or replaced by a no-op (``off``: TensorFlow's own rules, a while_loop wherever they
+have none). The kernel's checksum shows both give the same kernel. Results go
 to ``results/keras_first_call.json`` and a generated section of RESULTS.md.
 """
 
@@ -72,22 +72,27 @@ def markdown(rows: list[dict], command: str) -> str:
         "",
         f"Produced by `{command}`: `weights=None`, 32×32×3, 10 classes, float32, N = {N}, the full kernel; "
         "each row in a process of its own. First: the first call (capture, tracing, vectorisation, graph "
-        "optimisation); warm: the median of two later calls. `off`: TensorFlow's own pfor rules (a while_loop "
-        "per convolution's per-example filter gradient); `on`: with ntkcore's (one grouped filter gradient).",
+        "optimisation); warm: the median of two later calls; peak: RSS above the level once the model was built. "
+        "`off`: TensorFlow's own pfor rules (a while_loop where it has none: a convolution's per-example filter "
+        "gradient, a depthwise convolution or its gradients with a shared filter, a convolution with a per-example "
+        "filter); `on`: with ntkcore's (patches times gradients, batch folding). Off / on: the speed-ups.",
         "",
-        "| model | params | implementation | pfor rules | first s | warm s | first off / on | kernel Σ|K| |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | params | implementation | pfor rules | first s | warm s | peak MB | first off / on "
+        "| warm off / on | kernel Σ|K| |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     done = {(r["model"], r["implementation"], r["rules"]): r for r in rows}
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | | {r['implementation']} | {r['rules']} | failed: {r['error']!r} | | | |")
+            lines.append(f"| {r['model']} | | {r['implementation']} | {r['rules']} | failed: {r['error']!r} |||||")
             continue
         off = done.get((r["model"], r["implementation"], "off"))
-        ratio = f"{off['first_s'] / r['first_s']:.2f}×" if r["rules"] == "on" and off and "error" not in off else ""
+        compared = r["rules"] == "on" and off and "error" not in off
+        first = f"{off['first_s'] / r['first_s']:.2f}×" if compared else ""
+        warm = f"{off['seconds'] / r['seconds']:.2f}×" if compared else ""
         lines.append(
             f"| {r['model']} | {r['params']:,} | {r['implementation']} | {r['rules']} | {r['first_s']:.3g} | "
-            f"{r['seconds']:.3g} | {ratio} | {r['checksum']:.6g} |"
+            f"{r['seconds']:.3g} | {r['peak_mb']:.0f} | {first} | {warm} | {r['checksum']:.6g} |"
         )
     return "\n".join([*lines, END]) + "\n"
 

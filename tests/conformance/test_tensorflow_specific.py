@@ -4,6 +4,7 @@ a bias over only part of the output, or an equation that is not a dense layer, f
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
@@ -159,3 +160,84 @@ def test_keras_application(keras):
         # float64 on both sides: 1e-9 of the largest entry is far above rounding (sums over 4e5
         # parameters), far below a wrong or missing layer
         np.testing.assert_allclose(kernel, expected, rtol=0, atol=1e-9 * np.abs(expected).max(), err_msg=implementation)
+
+
+def _per_example_cases(tf):
+    """(name, f, per-example arguments) covering each rule of ntkcore_tensorflow.pfor_rules: the
+    per-example filter gradient of a convolution (its input per example, or shared with a
+    per-example output gradient, in a map nested in another), a convolution with a per-example
+    filter, the depthwise convolution and both its gradients with a shared filter."""
+    rng = np.random.default_rng(0)
+
+    def t(*shape):
+        return tf.constant(rng.standard_normal(shape))
+
+    def gradient(f, wrt):
+        def of(*args):
+            with tf.GradientTape() as tape:
+                tape.watch(wrt)
+                y = f(*args)
+            return tape.gradient(y, wrt, output_gradients=args[-1])
+
+        return of
+
+    w, dw, x0 = t(3, 2, 3, 4), t(3, 3, 3, 2), t(2, 7, 6, 3)
+    paddings = ("SAME", "VALID", [[0, 0], [1, 2], [0, 1], [0, 0]])
+    cases = []
+    for padding, stride in zip(paddings, (2, 1, 1)):
+        conv = functools.partial(tf.nn.conv2d, strides=stride, padding=padding)
+        out = conv(x0, w).shape[1:]
+        cases += [
+            (
+                f"conv filter gradient {padding}",
+                gradient(lambda x, g, conv=conv: conv(x[None], w), w),
+                t(5, 7, 6, 3),
+                t(5, 1, *out),
+            ),
+            (
+                f"conv filter gradient, shared input {padding}",
+                gradient(lambda g, conv=conv: conv(x0, w), w),
+                t(5, 2, *out),
+            ),
+            (f"conv, per-example filter {padding}", lambda f, conv=conv: conv(x0, f), w[None] + t(5, *w.shape)),
+        ]
+    depthwise = functools.partial(tf.nn.depthwise_conv2d, strides=[1, 2, 2, 1], padding="SAME")
+    out = depthwise(x0, dw).shape[1:]
+    cases += [
+        ("depthwise", lambda x: depthwise(x[None], dw), t(5, 7, 6, 3)),
+        ("depthwise input gradient", gradient(lambda g: depthwise(x0, dw), x0), t(5, 2, *out)),
+        ("depthwise filter gradient", gradient(lambda x, g: depthwise(x[None], dw), dw), t(5, 7, 6, 3), t(5, 1, *out)),
+        ("depthwise filter gradient, shared input", gradient(lambda g: depthwise(x0, dw), dw), t(5, 2, *out)),
+        ("depthwise, per-example filter", lambda f: depthwise(x0, f), dw[None] + t(5, *dw.shape)),
+    ]
+    return cases
+
+
+def test_pfor_rules_vectorise_convolutions_exactly(keras, monkeypatch):
+    """Each rule gives what a loop over the examples gives (float64: the same products summed in
+    another order, 1e-12 of the largest entry), with no while_loop left, also with the map nested
+    in another; TensorFlow's own registry is back as it was after the block."""
+    import tensorflow as tf
+    from tensorflow.python.ops.parallel_for import pfor
+
+    from ntkcore_tensorflow import pfor_rules
+
+    loops = []
+    fallback = pfor._fallback_converter
+    monkeypatch.setattr(pfor, "_fallback_converter", lambda p, *a, **k: loops.append(p.op_type) or fallback(p, *a, **k))
+    before = dict(pfor._pfor_converter_registry)
+    for name, f, *args in _per_example_cases(tf):
+        expected = tf.stack([f(*(arg[i] for arg in args)) for i in range(5)])
+        with pfor_rules.installed():
+            mapped = tf.function(lambda f=f, args=args: tf.vectorized_map(lambda a: f(*a), tuple(args)))()
+            nested = tf.function(  # the same map inside a map over two copies
+                lambda f=f, args=args: tf.vectorized_map(
+                    lambda s: tf.vectorized_map(lambda a: f(*a), tuple(a * s for a in args)),
+                    tf.constant([1.0, -1.0], tf.float64),
+                )
+            )()
+        scale = float(tf.reduce_max(tf.abs(expected)))
+        np.testing.assert_allclose(mapped.numpy(), expected.numpy(), rtol=0, atol=1e-12 * scale, err_msg=name)
+        np.testing.assert_allclose(nested.numpy()[0], expected.numpy(), rtol=0, atol=1e-12 * scale, err_msg=name)
+        assert not loops, f"{name}: while_loop for {loops}"
+    assert pfor._pfor_converter_registry == before
