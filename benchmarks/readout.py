@@ -2,10 +2,10 @@
 traced over the vocabulary, with and without the reduction, beside the kernel of the hidden
 state alone (the readout removed: outputs = h), side by side.
 
-    python -m benchmarks.readout [--configs 256x1000,256x50257] [--repeats 2]
+    python -m benchmarks.readout [--configs 256x1000,256x50257] [--n 8] [--runs logits:on:auto,...]
 
 transformers' GPT-2 with an untied readout (``tie_word_embeddings=False``; a tied one keeps the
-general path), 2 layers, 32 tokens, float32, N = 8, random weights; the model computes the last
+general path), 2 layers, 32 tokens, float32, N = 8 (``--n``), random weights; the model computes the last
 token's logits only (``logits_to_keep=1``, as generation does). Each run is a process of its
 own (a peak or a kill is its own); rows: warm time (median of later calls), first call, peak RSS.
 Results go to ``results/readout.json`` and a generated section of RESULTS.md.
@@ -24,7 +24,7 @@ from benchmarks.realistic import in_child, timed
 
 BEGIN = "<!-- begin: written by `python -m benchmarks.readout`; do not edit by hand -->"
 END = "<!-- end: written by `python -m benchmarks.readout` -->"
-N, TOKENS = 8, 32
+N, TOKENS = 8, 32  # N: the default of --n
 # (output, reduce_readout, implementation) per configuration
 RUNS = [
     ("logits", True, "auto"),
@@ -37,7 +37,7 @@ RUNS = [
 ]
 
 
-def build(config: str, output: str) -> tuple[Any, Any, dict]:
+def build(config: str, output: str, n: int = N) -> tuple[Any, Any, dict]:
     """(model, ids, ntk options): ``output`` "logits" (the vocabulary, traced) or "hidden"."""
     import torch
     import transformers as hf
@@ -60,22 +60,23 @@ def build(config: str, output: str) -> tuple[Any, Any, dict]:
                 return self.lm.transformer(ids).last_hidden_state[:, -1]
             return self.lm(ids, logits_to_keep=1).logits[:, -1]
 
-    ids = torch.randint(1, vocabulary, (N, TOKENS))
+    ids = torch.randint(1, vocabulary, (n, TOKENS))
     wrapper = LastToken().eval()
     if output == "hidden":  # the readout removed: its weight is not a parameter of this kernel
         model.lm_head.weight.requires_grad_(False)
     return wrapper, ids, {"trace_axes": (-1,)}
 
 
-def one(config: str, output: str, reduce: bool, implementation: str, repeats: int) -> dict:
+def one(config: str, output: str, reduce: bool, implementation: str, repeats: int, n: int = N) -> dict:
     import ntkcore
 
-    model, x, options = build(config, output)
+    model, x, options = build(config, output, n)
     options["reduce_readout"] = reduce
     explanation = ntkcore.explain(model, x, **options)
     figures = timed(lambda: ntkcore.ntk(model, x, implementation=implementation, **options), repeats)
     return {
         "config": config,
+        "n": n,
         "output": output,
         "reduce": reduce,
         "implementation": implementation,
@@ -86,32 +87,34 @@ def one(config: str, output: str, reduce: bool, implementation: str, repeats: in
 
 
 def _child(args: tuple, timeout: float) -> dict:
-    config, output, reduce, implementation, _ = args
-    row = {"config": config, "output": output, "reduce": reduce, "implementation": implementation}
+    config, output, reduce, implementation, _, n = args
+    row = {"config": config, "n": n, "output": output, "reduce": reduce, "implementation": implementation}
     return in_child(
         f"import json; from benchmarks import readout as r; print(json.dumps(r.one(*{args!r})))", row, timeout
     )
 
 
-def markdown(rows: list[dict], command: str) -> str:
+def markdown(rows: list[dict]) -> str:
+    commands = "`, then `".join(dict.fromkeys(r["command"] for r in rows))
     lines = [
         BEGIN,
         "## The readout reduction: GPT-2-shaped language models, torch on CPU (generated)",
         "",
-        f"Produced by `{command}`: untied readout, 2 layers, {TOKENS} tokens, float32, N = {N}, the last "
+        f"Produced by `{commands}`: untied readout, 2 layers, {TOKENS} tokens, float32, the last "
         "token's logits traced over the vocabulary; each run in a process of its own. `hidden`: the same "
-        "model's kernel of its last hidden state (the readout removed). Ratio: warm time over `hidden`'s.",
+        "model's kernel of its last hidden state (the readout removed), at the same N. Ratio: warm time over "
+        "`hidden`'s.",
         "",
-        "| n_embd × vocabulary | output | reduction | implementation | auto picked | warm s | first s | peak MB "
+        "| n_embd × vocabulary | N | output | reduction | implementation | auto picked | warm s | first s | peak MB "
         "| / hidden |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for config in dict.fromkeys(r["config"] for r in rows):
-        mine = [r for r in rows if r["config"] == config]
+    for config, n in dict.fromkeys((r["config"], r["n"]) for r in rows):
+        mine = [r for r in rows if (r["config"], r["n"]) == (config, n)]
         hidden = next((r for r in mine if r["output"] == "hidden" and "error" not in r), None)
         for r in mine:
             reduction = "on" if r["reduce"] else "off"
-            head = f"| {config} | {r['output']} | {reduction} | {r['implementation']} |"
+            head = f"| {config} | {n} | {r['output']} | {reduction} | {r['implementation']} |"
             if "error" in r:
                 lines.append(f"{head} | failed: {r['error']!r} | | | |")
                 continue
@@ -125,25 +128,33 @@ def markdown(rows: list[dict], command: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.readout", description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="256x1000,256x50257")
+    parser.add_argument("--n", type=int, default=N, help="examples")
+    parser.add_argument(
+        "--runs",
+        default=",".join(f"{o}:{'on' if r else 'off'}:{i}" for o, r, i in RUNS),
+        help="output:reduction:implementation, comma-separated",
+    )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--out", default="benchmarks/results/readout.json")
     parser.add_argument("--report", default="benchmarks/RESULTS.md")
-    parser.add_argument("--update", action="store_true", help="keep the other configurations' rows of --out")
+    parser.add_argument("--update", action="store_true", help="keep the other (configuration, N) rows of --out")
     args = parser.parse_args(argv)
     configs = args.configs.split(",")
+    runs = [(o, r == "on", i) for o, r, i in (run.split(":") for run in args.runs.split(","))]
+    command = " ".join(["python -m benchmarks.readout", *(argv if argv is not None else sys.argv[1:])])
     rows = []
     for config in configs:
-        for output, reduce, implementation in RUNS:
-            rows.append(_child((config, output, reduce, implementation, args.repeats), args.timeout))
+        for output, reduce, implementation in runs:
+            rows.append(_child((config, output, reduce, implementation, args.repeats, args.n), args.timeout))
+            rows[-1]["command"] = command
             print(json.dumps(rows[-1]), flush=True)
     if args.update and Path(args.out).exists():
-        rows = [r for r in json.loads(Path(args.out).read_text()) if r["config"] not in configs] + rows
+        old = json.loads(Path(args.out).read_text())
+        rows = [r for r in old if (r["config"], r["n"]) not in {(c, args.n) for c in configs}] + rows
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
-    command = " ".join(["python -m benchmarks.readout", *(argv if argv is not None else sys.argv[1:])])
-    command = f"python -m benchmarks.readout --timeout 240`, then `{command}" if args.update else command
-    report.write(Path(args.report), markdown(rows, command), BEGIN, END)
+    report.write(Path(args.report), markdown(rows), BEGIN, END)
     return 0
 
 
