@@ -67,26 +67,27 @@ def run(name: str, ks: list[int], kinds: list[str]) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], command: str) -> str:
+def markdown(rows: list[dict]) -> str:
+    commands = "`, then `".join(dict.fromkeys(r["command"] for r in rows))
     lines = [
         BEGIN,
         "## The sketched NTK: error against time, torch on CPU (generated)",
         "",
-        f"Produced by `{command}`: float32, N = {N}; warm times (the second call). Error: ‖Θ̂ − Θ‖_F / ‖Θ‖_F "
+        f"Produced by `{commands}`: float32, N = {N}; warm times (the second call). Error: ‖Θ̂ − Θ‖_F / ‖Θ‖_F "
         "against the exact kernel; estimated: the norm of the standard error `sketched_ntk` reports, "
-        "over ‖Θ‖_F. Time ratio: over the exact kernel's.",
+        "over ‖Θ‖_F. Time ratio: over the exact kernel's, measured in the same run (its row above).",
         "",
         "| model | params | method | k | seconds | / exact | error | estimated error |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    exact = {r["model"]: r["seconds"] for r in rows if r["method"].startswith("exact")}
+    exact = {(r["model"], r["command"]): r["seconds"] for r in rows if r["method"].startswith("exact")}
     for r in rows:
         k = r.get("k", "")
         error = f"{r['error']:.3g}" if "error" in r else ""
         estimated = f"{r['estimated']:.3g}" if "estimated" in r else ""
         lines.append(
             f"| {r['model']} | {r['params']:,} | {r['method']} | {k} | {r['seconds']:.3g} | "
-            f"{r['seconds'] / exact[r['model']]:.2f} | {error} | {estimated} |"
+            f"{r['seconds'] / exact[r['model'], r['command']]:.2f} | {error} | {estimated} |"
         )
     return "\n".join([*lines, END]) + "\n"
 
@@ -98,18 +99,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--out", default="benchmarks/results/sketch.json")
     parser.add_argument("--report", default="benchmarks/RESULTS.md")
-    parser.add_argument("--update", action="store_true", help="keep the other models' rows of --out")
+    parser.add_argument("--update", action="store_true", help="keep the rows of other runs in --out")
     args = parser.parse_args(argv)
     ks = [int(k) for k in args.ks.split(",")]
-    names = args.models.split(",")
-    rows = [row for name in names for row in run(name, ks, args.kinds.split(","))]
+    command = " ".join(["python -m benchmarks.sketch", *(argv if argv is not None else sys.argv[1:])])
+    kinds = args.kinds.split(",")
+    rows = [{**row, "command": command} for name in args.models.split(",") for row in run(name, ks, kinds)]
     if args.update and Path(args.out).exists():
-        rows = [r for r in json.loads(Path(args.out).read_text()) if r["model"] not in names] + rows
+        rows = [r for r in json.loads(Path(args.out).read_text()) if r["command"] != command] + rows
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
-    command = " ".join(["python -m benchmarks.sketch", *(argv if argv is not None else sys.argv[1:])])
-    command = f"python -m benchmarks.sketch ...`, then `{command}" if args.update else command
-    report.write(Path(args.report), markdown(rows, command), BEGIN, END)
+    report.write(Path(args.report), markdown(rows), BEGIN, END)
     return 0
 
 
