@@ -121,6 +121,8 @@ class KernelStore:
             if found != stamp:
                 self._remove()
         if self.path.exists():
+            for leftover in (self.meta / "done").glob(".*.tmp"):  # markers a killed writer left half-written
+                leftover.unlink(missing_ok=True)
             try:
                 self.array = self._open("r+")
                 if tuple(self.array.shape) != self.shape or str(self.array.dtype) != self.dtype:

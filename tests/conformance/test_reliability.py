@@ -303,9 +303,12 @@ def test_progress_off_a_terminal_is_logged(backend, zoo, tmp_path, caplog):
     assert any("3/3 tiles" in r.getMessage() for r in caplog.records)
     caplog.clear()
     (out / "ntkcore" / "done" / "0.1").unlink()
+    half_written = out / "ntkcore" / "done" / ".0.1.4242.tmp"  # a writer killed mid-marker
+    half_written.write_text('{"sha')
     with caplog.at_level(logging.INFO, logger="ntkcore"):
         ntkcore.ntk(built.model, x1, batch_size=2, out=out, **built.kwargs)
     assert any("resuming: 2 of 3 tiles already done" in r.getMessage() for r in caplog.records)
+    assert sorted(p.name for p in (out / "ntkcore" / "done").iterdir()) == ["0.0", "0.1", "1.1"]
 
 
 # -- the command line --------------------------------------------------------------------------
