@@ -174,6 +174,7 @@ class LayerEntry:
     roles: Mapping[str, str]
     feature_axis: int = -1
     native: bool = True
+    groups: int = 1
 
 
 class CallRecorder:
@@ -280,6 +281,7 @@ def build_capture(
     excluded: Mapping[str, str] | None = None,
     framework_gradients: frozenset[str] = frozenset(),
     native_layout: bool = False,
+    deferred_inputs: Mapping[str, Callable] | None = None,
 ) -> Capture:
     """The :class:`Capture` of the calls recorded as ``layer#i`` keys (``shapes``) of ``table``'s layers."""
     uses = []
@@ -287,5 +289,13 @@ def build_capture(
         layer = key.rpartition("#")[0]
         entry = table[layer]
         native = native_layout and entry.native
-        uses.append(LayerUse(key, layer, entry.kind, entry.roles, entry.feature_axis, native_layout=native))
-    return Capture(tuple(uses), apply_probed, dict(shapes), unsupported, dict(excluded or {}), framework_gradients)
+        uses.append(LayerUse(key, layer, entry.kind, entry.roles, entry.feature_axis, native, entry.groups))
+    return Capture(
+        tuple(uses),
+        apply_probed,
+        dict(shapes),
+        unsupported,
+        dict(excluded or {}),
+        framework_gradients,
+        dict(deferred_inputs or {}),
+    )

@@ -11,6 +11,7 @@ from typing import Any
 
 from .rules import RULES
 from .rules.base import token_count
+from .sizes import CallSizes
 
 FRAMEWORK, SHARED, FALLBACK = "framework", "shared", "fallback: "  # LayerShape.rule besides a kind
 
@@ -24,7 +25,9 @@ class LayerShape:
     the inputs per output feature of a dense layer or convolution. ``rule`` says how
     structured derivatives treat it: the kind's rule, ``"framework"`` (per-example gradients
     from the framework's backward pass), ``"shared"`` (a parameter tied across kinds) or
-    ``"fallback: <why>"``.
+    ``"fallback: <why>"``. ``groups``: a grouped convolution's; ``on_request``: a layer the
+    framework differentiates whose structured input the adapter forms on request
+    (``Capture.deferred_inputs``), so that its rule may take it instead (:func:`by_framework`).
     """
 
     name: str
@@ -34,6 +37,8 @@ class LayerShape:
     features: int
     fan_in: int
     rule: str
+    groups: int = 1
+    on_request: bool = False
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,7 @@ class ModelShape:
     forward_flops: float
     activations: int
     layers: tuple[LayerShape, ...] = ()
-    direct_flops: float = 0.0  # forward FLOPs of layers whose weights SD differentiates directly
+    direct_flops: float = 0.0  # forward FLOPs of the fallbacks SD differentiates directly (see by_framework)
     calls: int = 1  # parameterised layer calls (or parameter arrays): per-call overheads
 
 
@@ -68,13 +73,27 @@ def _forward(capture: Any, sizes: Mapping[str, int], fallback: list[str]) -> tup
     return forward, direct, activations
 
 
-def _group_layer(capture: Any, group: list, sizes: Mapping[str, int]) -> LayerShape:
+def group_layer(capture: Any, group: list, sizes: Mapping[str, int]) -> LayerShape:
     use = group[0]
     features = capture.output_shapes[use.key][use.feature_axis]
     tokens = sum(token_count(capture.output_shapes[u.key], use.feature_axis)[0] for u in group)
     roles = _role_sizes(use, sizes)
-    rule = FRAMEWORK if use.kind in capture.framework_gradients else use.kind
-    return LayerShape(use.layer, use.kind, roles, tokens, features, RULES[use.kind].fan_in(roles, features), rule)
+    framework = use.kind in capture.framework_gradients
+    rule = FRAMEWORK if framework else use.kind
+    on_request = framework and all(u.layer in capture.deferred_inputs for u in group)
+    fan_in = RULES[use.kind].fan_in(roles, features)
+    return LayerShape(use.layer, use.kind, roles, tokens, features, fan_in, rule, use.groups, on_request)
+
+
+def by_framework(layer: LayerShape, sizes: CallSizes) -> bool:
+    """Whether structured derivatives take this layer's per-example gradients from the
+    framework's backward pass at these sizes (else its rule, on its input formed on request)."""
+    return layer.rule == FRAMEWORK and not (layer.on_request and RULES[layer.kind].beats_framework(layer, sizes))
+
+
+def framework_flops(layer: LayerShape) -> float:
+    """Forward FLOPs of a layer whose weight gradients the backward passes compute."""
+    return 2.0 * layer.tokens * layer.sizes.get(RULES[layer.kind].matmul_role, 0)
 
 
 def model_shape(capture: Any, params: Mapping[str, Any], plan: tuple | None) -> ModelShape:
@@ -90,10 +109,7 @@ def model_shape(capture: Any, params: Mapping[str, Any], plan: tuple | None) -> 
     used = {name for use in capture.uses for name in use.params.values()}
     forward += 2.0 * sum(n for name, n in sizes.items() if name not in used)  # uncaptured: once each
     direct_flops += 2.0 * sum(sizes[name] for name in fallback if name not in used)
-    layers = [_group_layer(capture, group, sizes) for group in groups]
-    for layer in layers:
-        if layer.rule == FRAMEWORK:
-            direct_flops += 2.0 * layer.tokens * layer.sizes.get(RULES[layer.kind].matmul_role, 0)
+    layers = [group_layer(capture, group, sizes) for group in groups]
     for use in shared:  # per-example gradients of a parameter tied across kinds, summed
         tokens, features = token_count(capture.output_shapes[use.key], use.feature_axis)
         layers.append(LayerShape(use.layer, use.kind, _role_sizes(use, sizes), tokens, features, 0, SHARED))

@@ -63,6 +63,7 @@ class LayerUse:
     params: Mapping[str, str]
     feature_axis: int = -1  # of the layer's output (batch of one) and structured input
     native_layout: bool = False
+    groups: int = 1  # a grouped convolution's groups (its rule's costs depend on them)
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: it keys compiled kernels
@@ -79,9 +80,12 @@ class Capture:
     rule; ``excluded`` maps parameters that must take the exact per-layer fallback to the
     reason (a use outside their layer, an operation without a rule). ``framework_gradients``
     names kinds whose per-example parameter gradients the framework's own backward pass
-    computes faster than the core's rule (convolutions outside XLA): they are taken in the
-    same backward passes as the cotangents, and the adapter records no structured input for
-    them.
+    computes faster than the core's rule's per-example gradients (convolutions outside XLA):
+    they are taken in the same backward passes as the cotangents. ``deferred_inputs`` maps the
+    names of such layers whose structured input the adapter can form on request to a function
+    of what ``apply_probed`` recorded for a call, stacked over examples (N, 1, ...), giving that
+    input (a convolution's patches (N, S, G, K)); the core asks for it where the rule's other
+    order is cheaper than the framework's gradients (:meth:`ntkcore.rules.base.Rule.beats_framework`).
     """
 
     uses: tuple[LayerUse, ...]
@@ -90,6 +94,7 @@ class Capture:
     unsupported: tuple[str, ...] = ()
     excluded: Mapping[str, str] = field(default_factory=dict)
     framework_gradients: frozenset[str] = frozenset()
+    deferred_inputs: Mapping[str, Callable[[Array], Array]] = field(default_factory=dict)
 
 
 @runtime_checkable

@@ -172,6 +172,7 @@ class _Walker:
         tokens: list[int],
         make_input: Callable,
         native: bool = False,
+        groups: int = 1,
     ) -> _Match:
         """A matched call: probes and inputs in canonical (1, tokens, features) layout.
 
@@ -183,7 +184,7 @@ class _Walker:
         key = f"{kind}#{self.count}"
         self.count += 1
         return _Match(
-            LayerUse(key, origin.name, kind, {role: origin.name}, native_layout=native),
+            LayerUse(key, origin.name, kind, {role: origin.name}, native_layout=native, groups=groups),
             origin.exact,
             lambda invals: make_input(invals, perm, probe),
             _probe_adder(out_shape, perm),
@@ -237,7 +238,7 @@ class _Walker:
             return jnp.reshape(jnp.transpose(patches, perm), (1, probe[1], prm["feature_group_count"], -1))
 
         tokens = [dn.out_spec[0], *dn.out_spec[2:]]
-        return self._use("conv", "weight", origin, out_shape, tokens, patch_input)
+        return self._use("conv", "weight", origin, out_shape, tokens, patch_input, groups=prm["feature_group_count"])
 
     def _elementwise(self, eqn: Any, index: int, origin: _Origin) -> _Match | None:
         """``mul`` by a broadcast parameter is an affine scale; ``add``/``sub`` a bias."""

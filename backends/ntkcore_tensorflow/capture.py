@@ -6,7 +6,8 @@ BatchNormalization) is wrapped for the duration of a forward pass: the wrapper r
 structured input and adds the probe to the layer's pre-activation output. A normalisation's
 x̂ is the layer's own output with γ = 1 and β = 0, so it follows Keras' semantics exactly.
 Convolutions are differentiated by TensorFlow itself, in the same backward passes that give
-the cotangents (faster than any patch extraction here).
+the cotangents (faster than patches and a matmul), except where the conv rule's pairwise order
+is cheaper: their patches are then formed on request (:mod:`.patches`).
 A discovery pass reads every trainable variable through an auditing ``StatelessScope``: a
 variable read outside its own layer's call (tied weights) is excluded, so an unseen use never
 gives a wrong number. Everything else (other layers, a ``tf.Module``) takes the exact
@@ -15,6 +16,7 @@ per-layer fallback.
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 from collections.abc import Callable, Mapping
@@ -24,6 +26,8 @@ import tensorflow as tf
 
 from ntkcore.adapter import CallRecorder, LayerEntry, ParameterAudit, Patches, build_capture, owners_of, patched
 from ntkcore.protocol import Capture, PreparedModel
+
+from . import patches as conv_patches
 
 
 def _rule(keras: Any, layer: Any) -> tuple[str, dict[str, Any], int] | None:
@@ -118,7 +122,10 @@ def _table(keras: Any, model: Any, name_of: Mapping[int, str]) -> tuple[dict, di
         if role_variables:
             path = layer.path if hasattr(layer, "path") else layer.name
             layers[path], variables[path] = layer, role_variables
-            table[path] = LayerEntry(kind, {role: name_of[id(v)] for role, v in role_variables.items()}, axis)
+            count = conv_patches.groups(layer) if kind == "conv" else 1
+            table[path] = LayerEntry(
+                kind, {role: name_of[id(v)] for role, v in role_variables.items()}, axis, True, count
+            )
     covered = {name for entry in table.values() for name in entry.roles.values()}
     theta = {id(v): v for v in model.variables}
     unsupported = sorted({theta[i].path.rpartition("/")[0] for i, name in name_of.items() if name not in covered})
@@ -167,9 +174,9 @@ def _wrap(
         try:
             if entry.kind == "dense":
                 return _dense_call(keras, layer, original, recorder, key, (inputs, args, kwargs))
-            if entry.kind == "conv":  # differentiated by TensorFlow: no structured input
+            if entry.kind == "conv":  # differentiated by TensorFlow, or patches formed on request
                 out = _without_activation(layer, original, inputs, args, kwargs)
-                return layer.activation(recorder.record(key, None, out))
+                return layer.activation(recorder.record(key, inputs, out))
             if entry.kind == "embedding":
                 return recorder.record(key, tf.cast(inputs, tf.int64), original(inputs, *args, **kwargs))
             return _affine_call(keras, roles, original, recorder, key, (inputs, args, kwargs))
@@ -226,5 +233,10 @@ def capture(prepared: PreparedModel, x: Any) -> Capture:
         apply_probed,
         unsupported=tuple(found[3]),
         excluded=audit.excluded("is also read outside its layer"),
-        framework_gradients=frozenset({"conv"}),  # TensorFlow's backward beats any patch extraction here
+        framework_gradients=frozenset({"conv"}),  # TensorFlow's backward beats patches and a matmul
+        deferred_inputs={
+            path: functools.partial(conv_patches.patches, layer)
+            for path, layer in found[0].items()
+            if found[1][path].kind == "conv" and conv_patches.formable(layer)
+        },
     )

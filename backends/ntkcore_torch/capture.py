@@ -7,7 +7,8 @@ fallback, so a hook that cannot see a use never gives a wrong number. MultiheadA
 self-attention is run by an explicit forward during capture, so that its in-projection is one
 dense layer and its output projection a call of ``out_proj``; cross-attention falls back.
 Convolutions are differentiated by torch itself, in the same backward passes that give the
-cotangents (its convolution backward beats patches and a matmul on CPU).
+cotangents (its convolution backward beats patches and a matmul on CPU), except where the conv
+rule's pairwise order is cheaper: their patches are then formed on request (:mod:`.patches`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ntkcore.adapter import CallRecorder, LayerEntry, ParameterAudit, Patches, b
 from ntkcore.protocol import Capture, PreparedModel
 
 from . import broadcast, recurrent
+from . import patches as conv_patches
 
 _BATCH_NORM = nn.modules.batchnorm._BatchNorm
 
@@ -59,6 +61,10 @@ def _rule(module: nn.Module) -> tuple[str, dict[str, str], int] | None:
     if _is(module, _BATCH_NORM) and module.affine and not module.training and module.track_running_stats:
         return "affine", {"scale": "weight", "shift": "bias"}, 1
     return None
+
+
+def _is_conv(entry: LayerEntry | None) -> bool:
+    return entry is not None and entry.kind == "conv"
 
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
@@ -242,8 +248,9 @@ def _table(model: nn.Module, params: Mapping[str, torch.Tensor]) -> tuple[dict, 
             continue
         kind, roles, axis = rule
         modules[name] = module
+        groups = module.groups if kind == "conv" else 1
         table[name] = LayerEntry(
-            kind, {r: trainable[a] for r, a in roles.items() if a in trainable}, axis, _native(module)
+            kind, {r: trainable[a] for r, a in roles.items() if a in trainable}, axis, _native(module), groups
         )
     return modules, table, candidates
 
@@ -322,4 +329,7 @@ def capture(prepared: PreparedModel, x: torch.Tensor) -> Capture:
         excluded={n: why for n, why in audit.excluded("is also used outside its layer").items() if n not in candidates},
         framework_gradients=frozenset({"conv"}),  # torch's convolution backward beats patches and a matmul
         native_layout=True,  # torch's weights are laid out (out, in, *kernel), tables (vocabulary, F)
+        deferred_inputs={
+            n: functools.partial(conv_patches.patches, m) for n, m in modules.items() if _is_conv(table.get(n))
+        },
     )

@@ -22,7 +22,7 @@ from typing import Any
 from ..arrays import layer_name, layers_of, output_basis, zeros
 from ..axes import KernelAxes
 from ..contraction import contract_by_layer
-from ..model_shape import FALLBACK, FRAMEWORK, SHARED, ModelShape
+from ..model_shape import FALLBACK, FRAMEWORK, SHARED, ModelShape, by_framework, framework_flops, group_layer
 from ..protocol import AutodiffBackend, Capture, LayerUse, Params
 from ..rules import RULES
 from ..rules.base import per_example_cost
@@ -112,6 +112,13 @@ def _pieces(
     return inputs, g, {n: xp.reshape(j, (x.shape[0], *out_shape, -1)) for n, j in jac.items()}
 
 
+def _formed(capture: Capture, deferred: list[list[LayerUse]], inputs: dict, g: dict, jac: dict) -> tuple:
+    """The pieces with the deferred layers' structured inputs formed from what was recorded."""
+    for use in (u for group in deferred for u in group):
+        inputs[use.key] = capture.deferred_inputs[use.layer](inputs[use.key])
+    return inputs, g, jac
+
+
 def _normalise(xp: Any, use: LayerUse, inputs: Any, cotangents: Any, out_shape: tuple[int, ...]) -> tuple[Any, Any]:
     """g to (N, *out, S, F), features last, and the structured input as the kind's rule wants it."""
     n = inputs.shape[0]
@@ -195,15 +202,20 @@ def kernel(
     """
     xp = backend.namespace(x1)
     groups, shared, fallback, _ = plan(capture, params)
-    # fallback parameters, and kinds whose per-example gradients the framework computes best,
-    # are differentiated directly in the backward passes that give the cotangents
-    framework = capture.framework_gradients
-    direct = fallback + [name for g in groups if g[0].kind in framework for name in g[0].params.values()]
-    groups = [g for g in groups if g[0].kind not in framework]
+    # fallback parameters, and layers whose per-example gradients the framework computes best
+    # at these sizes, are differentiated directly in the backward passes that give the cotangents
+    sizes = CallSizes.of(x1.shape[0], None if x2 is None else x2.shape[0], out_shape, axes)
+    numel = {name: math.prod(p.shape) for name, p in params.items()}
+    framework = [by_framework(group_layer(capture, g, numel), sizes) for g in groups]
+    direct = fallback + [name for g, f in zip(groups, framework) if f for name in g[0].params.values()]
+    deferred = [g for g, f in zip(groups, framework) if not f and g[0].kind in capture.framework_gradients]
+    groups = [g for g, f in zip(groups, framework) if not f]
     needed = {use.key for g in groups for use in g} | {use.key for use in shared}
-    inputs1, g1, jac1 = _pieces(backend, capture, params, x1, out_shape, direct, needed)
+    inputs1, g1, jac1 = _formed(capture, deferred, *_pieces(backend, capture, params, x1, out_shape, direct, needed))
     inputs2, g2, jac2 = (
-        (inputs1, g1, jac1) if x2 is None else _pieces(backend, capture, params, x2, out_shape, direct, needed)
+        (inputs1, g1, jac1)
+        if x2 is None
+        else _formed(capture, deferred, *_pieces(backend, capture, params, x2, out_shape, direct, needed))
     )
     shape1 = (x1.shape[0], *out_shape)
     parts = _Parts(xp, axes, (shape1, shape1 if x2 is None else (x2.shape[0], *out_shape)), layer_of)
@@ -220,23 +232,27 @@ def kernel(
     return parts.parts if layer_of is not None else parts.total()
 
 
-def _rule_terms(shape: ModelShape, sizes: CallSizes) -> tuple[float, float, float, float]:
-    """(contraction FLOPs, largest rule intermediate, all rule intermediates, direct gradients) of
-    the layers' rules; sizes in elements."""
-    flops = largest = written = gradients = 0.0
+def _rule_terms(shape: ModelShape, sizes: CallSizes) -> tuple[float, float, float, float, float]:
+    """(contraction FLOPs, largest rule intermediate, all rule intermediates, direct gradients,
+    forward FLOPs of the layers the framework differentiates) of the layers; sizes in elements."""
+    flops = largest = written = gradients = framework = 0.0
     for layer in shape.layers:
         size = sum(layer.sizes.values())
-        if layer.rule in RULES:
-            cost, elements = RULES[layer.rule].cost(layer, sizes)
+        if layer.rule == FRAMEWORK and by_framework(layer, sizes):
+            cost, elements = 2.0 * sizes.pairs * size, 0.0
+            gradients += sizes.nx * sizes.outputs * size
+            framework += framework_flops(layer)
+        elif layer.rule in RULES or layer.rule == FRAMEWORK:  # a framework layer its rule takes at these sizes
+            cost, elements = RULES[layer.kind].cost(layer, sizes)
         elif layer.rule == SHARED:  # per-example gradients, summed, then contracted
             cost, elements = per_example_cost(layer.tokens, size, sizes)
-        else:  # framework gradients and fallbacks: contracted with the direct Jacobians
+        else:  # fallbacks: contracted with the direct Jacobians
             cost, elements = 2.0 * sizes.pairs * size, 0.0
             gradients += sizes.nx * sizes.outputs * size
         flops += cost
         largest = max(largest, elements)
         written += elements
-    return flops, largest, written, gradients
+    return flops, largest, written, gradients, framework
 
 
 class StructuredDerivatives(Method):
@@ -260,8 +276,8 @@ class StructuredDerivatives(Method):
         differentiates; F_d their layers' forward FLOPs), then each layer's rule and the
         contraction of the direct ones."""
         nx, o, a = sizes.nx, sizes.outputs, shape.activations
-        passes = nx * (shape.forward_flops + o * shape.forward_flops) + nx * o * shape.direct_flops
-        contraction, largest, written, gradients = _rule_terms(shape, sizes)
+        contraction, largest, written, gradients, framework = _rule_terms(shape, sizes)
+        passes = nx * (shape.forward_flops + o * shape.forward_flops) + nx * o * (shape.direct_flops + framework)
         peak = nx * o * a + nx * a + largest + gradients + sizes.entries
         traffic = nx * o * a + nx * a + written + gradients + sizes.entries
         return Cost(passes, contraction, peak, traffic)
@@ -269,8 +285,10 @@ class StructuredDerivatives(Method):
 
 def describe(layer: Any, sizes: CallSizes) -> str:
     """How structured derivatives treat a captured layer (:class:`~ntkcore.model_shape.LayerShape`)."""
-    if layer.rule == FRAMEWORK:
+    if layer.rule == FRAMEWORK and by_framework(layer, sizes):
         return f"{layer.kind}: per-example gradients from the framework's backward pass"
+    if layer.rule == FRAMEWORK:
+        return RULES[layer.kind].describe(layer, sizes) + " (its input formed on request)"
     if layer.rule == SHARED:
         return f"{layer.kind} rule's per-example gradients, summed over the layers sharing the parameter"
     if layer.rule.startswith(FALLBACK):

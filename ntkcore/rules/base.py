@@ -85,6 +85,11 @@ class Rule:
         (:class:`ntkcore.model_shape.LayerShape`); by default per-example gradients contracted."""
         return per_example_cost(layer.tokens, sum(layer.sizes.values()), sizes)
 
+    def beats_framework(self, layer: Any, sizes: CallSizes) -> bool:
+        """Whether the rule, given its structured input on request, is cheaper than per-example
+        gradients from the framework's backward pass (``Capture.deferred_inputs``)."""
+        return False
+
     def describe(self, layer: Any, sizes: CallSizes) -> str:
         """One line for ``explain``: what the rule does with this layer at these sizes."""
         return f"{self.kind} rule"

@@ -14,24 +14,30 @@ def batch_labels(axes: KernelAxes) -> list[Label]:
     return [("d", 0)] if 0 in axes.diagonal else [(1, 0), (2, 0)]
 
 
-def _token_products(xp: Any, g1: Any, g2: Any, axes: KernelAxes) -> tuple[Any, list[Label]]:
+def _token_products(xp: Any, g1: Any, g2: Any, axes: KernelAxes, grouped: bool) -> tuple[Any, list[Label]]:
     """(g1_s·g2_t) for every kept output pair, with the token axis (index ``axes.ndim``, after
-    f's output axes) kept on both sides; returns the array and its labels."""
-    ext = KernelAxes(axes.ndim + 1, axes.trace, axes.diagonal)
+    f's output axes) kept on both sides and, ``grouped``, the group axis after it paired with
+    itself only; returns the array and its labels."""
+    group = (axes.ndim + 1,) if grouped else ()
+    ext = KernelAxes(axes.ndim + 1 + len(group), axes.trace, tuple(sorted((*axes.diagonal, *group))))
     product = contract(xp, {"g": g1}, {"g": g2}, ext, tuple(g1.shape[:-1]), tuple(g2.shape[:-1]))
     return product, ext.final_labels()
 
 
-def pairwise(xp: Any, g1: Any, g2: Any, weights: Any, axes: KernelAxes) -> Any:
-    """Σ_{s,t} weights[.., s, t] · (g1_s·g2_t), with ``weights`` labelled batch + (1,S), (2,S)."""
-    product, labels = _token_products(xp, g1, g2, axes)
+def pairwise(xp: Any, g1: Any, g2: Any, weights: Any, axes: KernelAxes, grouped: bool = False) -> Any:
+    """Σ_{s,t} weights[.., s, t] · (g1_s·g2_t), with ``weights`` labelled batch + (1,S), (2,S).
+
+    ``grouped``: g is (N, *out, S, G, F) and ``weights`` labelled batch + G + (1,S), (2,S), one
+    token pairing per group (a grouped convolution); the groups are summed too.
+    """
+    product, labels = _token_products(xp, g1, g2, axes, grouped)
     token = axes.ndim
-    head = [*batch_labels(axes), (1, token), (2, token)]
+    head = [*batch_labels(axes), *([("d", token + 1)] if grouped else []), (1, token), (2, token)]
     rest = [label for label in labels if label not in head]
     product = permute_to(xp, product, labels, head + rest)
     weights = xp.reshape(weights, (*weights.shape, *([1] * len(rest))))
     n_batch = len(batch_labels(axes))
-    total = xp.sum(product * weights, axis=(n_batch, n_batch + 1))
+    total = xp.sum(product * weights, axis=tuple(range(n_batch, len(head))))
     return permute_to(xp, total, [*batch_labels(axes), *rest], axes.final_labels())
 
 

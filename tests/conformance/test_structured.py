@@ -63,3 +63,34 @@ def test_factorized_layer_is_structured(backend, zoo):
         kernel = ntkcore.ntk(built.model, x1, x2, implementation="structured", **built.kwargs)
     expected = ntkcore.ntk(built.model, x1, x2, implementation="jacobian_contraction", **built.kwargs)
     np.testing.assert_allclose(zoo.to_numpy(kernel), zoo.to_numpy(expected), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("order", ["pairwise", "per_example"])
+def test_convolutions_in_either_order(backend, zoo, order, monkeypatch):
+    """Every convolution of the ``convs`` case (strided, dilated, padded, grouped, depthwise, 1D,
+    torch's 3D one with circular padding) held to Jacobian contraction with the conv rule's order
+    forced: the pairwise order on patches (torch and TensorFlow form them on request) and
+    per-example gradients (the framework's own where it differentiates convolutions)."""
+    if "convs" not in _cases(backend, zoo):
+        pytest.skip(f"{backend} has no 'convs' structured case")
+    from ntkcore.rules import conv
+
+    chosen = conv.orders
+
+    def forced(*args, **kwargs):
+        return {name: (0.0 if name == order else 1.0, *rest) for name, (_, *rest) in chosen(*args, **kwargs).items()}
+
+    monkeypatch.setattr(conv, "orders", forced)
+    built, x1, x2, _ = zoo.structured_case("convs")
+    layers = ntkcore.explain(built.model, x1, x2, implementation="structured", **built.kwargs).layers
+    described = {layer.rule for layer in layers if layer.kind == "conv"}
+    if order == "per_example" and backend != "jax":
+        assert described == {"conv: per-example gradients from the framework's backward pass"}
+    else:
+        assert {rule.partition(" (")[0] for rule in described} == {f"conv rule, {order.replace('_', '-')} order"}
+    for axes in AXES.values():
+        first = x1[: len(x2)] if "diagonal_axes" in axes else x1
+        kernel = ntkcore.ntk(built.model, first, x2, implementation="structured", **axes, **built.kwargs)
+        expected = ntkcore.ntk(built.model, first, x2, implementation="jacobian_contraction", **axes, **built.kwargs)
+        kernel, expected = zoo.to_numpy(kernel), zoo.to_numpy(expected)
+        assert np.max(np.abs(kernel - expected)) <= 1e-10 * np.max(np.abs(expected))

@@ -107,11 +107,17 @@ def test_embedding(layout, vocabulary):
     np.testing.assert_allclose(gradient, jac[0]["table"], rtol=1e-12, atol=1e-12)
 
 
-@settings(max_examples=30, deadline=None)
-@given(layouts(), st.integers(1, 3))
-def test_conv(layout, groups):
+@settings(max_examples=40, deadline=None)
+@given(
+    layouts(),
+    st.integers(1, 3),
+    st.sampled_from([None, "pairwise", "per_example"]),
+    st.sampled_from(["both", "weight", "bias"]),
+)
+def test_conv(layout, groups, order, which):
     """Patches x (N, S, G, K) and g (N, *out, S, G·F): per group, a dense layer on the patches."""
     n1, n2, out, s, k, f, trace, diagonal, seed = layout
+    roles = {"weight", "bias"} if which == "both" else {which}
     rng = np.random.default_rng(seed)
     x = [rng.normal(size=(n, s, groups, k)) for n in (n1, n2)]
     g = [rng.normal(size=(n, *out, s, groups * f)) for n in (n1, n2)]
@@ -119,6 +125,19 @@ def test_conv(layout, groups):
     for xi, gi in zip(x, g):  # ∂f/∂W[c, f, k] = Σ_s g[.., s, c·F + f] patch[s, c, k]
         grouped = gi.reshape(*gi.shape[:-1], groups, f)
         w = np.einsum("n...scf,nsck->n...cfk", grouped, xi)
-        jac.append({"weight": w.reshape(*w.shape[:-3], -1), "bias": gi.sum(axis=-2)})
-    actual = conv.kernel(xp, x[0], g[0], x[1], g[1], _axes(n1, out, trace, diagonal), {"weight", "bias"})
+        both = {"weight": w.reshape(*w.shape[:-3], -1), "bias": gi.sum(axis=-2)}
+        jac.append({role: both[role] for role in roles})
+    actual = conv.kernel(xp, x[0], g[0], x[1], g[1], _axes(n1, out, trace, diagonal), roles, order=order)
     _check(actual, jac[0], jac[1], out, trace, diagonal)
+
+
+def test_conv_order_follows_positions_and_weights():
+    """The pairwise order where positions are few and weights many (a CNN's deep layers), the
+    per-example gradients where positions are many and weights few (its first layers)."""
+    axes = KernelAxes.create((), (), (8, 10))
+    deep = conv.orders(8, 8, 1, 9 * 512, 512, 1, (10,), axes)  # 3×3, 512 → 512 channels at 1×1
+    early = conv.orders(8, 8, 16 * 16, 27, 64, 1, (10,), axes)  # 3×3, 3 → 64 channels at 16×16
+    depthwise = conv.orders(8, 8, 4, 9, 512, 512, (10,), axes)  # 3×3 depthwise at 2×2
+    assert deep["pairwise"][0] < deep["per_example"][0]
+    assert early["per_example"][0] < early["pairwise"][0]
+    assert depthwise["per_example"][0] < depthwise["pairwise"][0]

@@ -209,7 +209,7 @@ def _structured_model(name: str):
         h = L.Dense(8, name="l1", **kw)(L.Flatten(**kw)(h))
         h = L.RMSNormalization(epsilon=1e-5, name="rms", **kw)(h)
         return keras.Model(inputs, L.Dense(3, name="head", **kw)(L.Activation("tanh", **kw)(h)))
-    if name == "convs":  # strided; depthwise dilated; unbiased; and a 1D convolution
+    if name == "convs":  # strided; depthwise dilated; unbiased; 1D ('same' dilated, causal); 3D
         inputs = keras.Input((8, 8, 2), dtype="float64")
         y = L.Conv2D(4, 3, strides=2, padding="same", activation="tanh", name="c1", **kw)(inputs)
         y = L.DepthwiseConv2D(3, padding="same", dilation_rate=2, activation="tanh", name="c2", **kw)(y)
@@ -217,7 +217,10 @@ def _structured_model(name: str):
         y = L.Conv2D(6, 2, use_bias=False, activation="tanh", name="c3", **kw)(y)
         z = L.Lambda(lambda t: t[:, 0], **kw)(inputs)
         z = L.Conv1D(3, 3, padding="same", dilation_rate=2, activation="tanh", name="d1", **kw)(z)
-        h = L.Concatenate(**kw)([L.Flatten(**kw)(y), L.Flatten(**kw)(z)])
+        z = L.Conv1D(3, 2, padding="causal", dilation_rate=2, activation="tanh", name="d2", **kw)(z)
+        v = L.Reshape((8, 8, 2, 1), **kw)(inputs)
+        v = L.Conv3D(2, (2, 3, 2), strides=(2, 1, 1), padding="same", activation="tanh", name="v", **kw)(v)
+        h = L.Concatenate(**kw)([L.Flatten(**kw)(y), L.Flatten(**kw)(z), L.Flatten(**kw)(v)])
         return keras.Model(inputs, L.Dense(3, name="head", **kw)(h))
     raise KeyError(name)
 

@@ -281,22 +281,25 @@ class _Attention(nn.Module):
 
 
 class _Convs(nn.Module):
-    """Strided, depthwise dilated ('same' padding) and grouped 2D convolutions, and 1D ones."""
+    """Strided (reflect padding), depthwise dilated ('same' padding) and grouped 2D convolutions,
+    1D ones, and a 3D one with circular padding."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.c1 = nn.Conv2d(2, 4, 3, stride=2, padding=1)
+        self.c1 = nn.Conv2d(2, 4, 3, stride=2, padding=1, padding_mode="reflect")
         self.c2 = nn.Conv2d(4, 4, 3, padding="same", dilation=2, groups=4)
         self.c3 = nn.Conv2d(4, 6, 2, groups=2, bias=False)
         self.d1 = nn.Conv1d(2, 3, 3, padding="same", dilation=2)
         self.d2 = nn.Conv1d(3, 3, 2, stride=2)
-        self.head = nn.Linear(6 * 3 * 3 + 3 * 4, 3)
+        self.v = nn.Conv3d(1, 2, (2, 3, 2), stride=(1, 2, 1), padding=(0, 1, 1), padding_mode="circular")
+        self.head = nn.Linear(6 * 3 * 3 + 3 * 4 + 2 * 4 * 9, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x.permute(0, 3, 1, 2)
         y = torch.tanh(self.c3(torch.tanh(self.c2(torch.tanh(self.c1(y))))))
         z = torch.tanh(self.d2(torch.tanh(self.d1(x[:, 0].permute(0, 2, 1)))))
-        return self.head(torch.cat([y.flatten(1), z.flatten(1)], dim=1))
+        v = torch.tanh(self.v(x.permute(0, 3, 1, 2)[:, None]))
+        return self.head(torch.cat([y.flatten(1), z.flatten(1), v.flatten(1)], dim=1))
 
 
 class _Norms(nn.Module):
