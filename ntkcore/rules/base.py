@@ -18,6 +18,10 @@ from ..axes import KernelAxes
 from ..contraction import contract
 from ..sizes import CallSizes
 
+# multiply-adds per element an order writes to memory and reads back (2-core CPUs): batched
+# matmuls over short axes are memory-bound, so the rules' orders are scored with it
+MEMORY_WEIGHT = 16
+
 
 def per_example(xp: Any, jac1: dict, jac2: dict, axes: KernelAxes) -> Any:
     """Contract per-example gradients ``name -> (N, *out, P)``."""

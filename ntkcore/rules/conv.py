@@ -19,8 +19,7 @@ from typing import Any
 
 from ..axes import KernelAxes
 from ..sizes import CallSizes, output_pairs, pair_entries
-from .base import Rule, per_example
-from .dense import _MEMORY
+from .base import MEMORY_WEIGHT, Rule, per_example
 from .pairwise import ones, pairwise
 
 
@@ -38,8 +37,8 @@ def orders(
     per_example_ = gradients_ * s + pairs * c * k
     written = entries * s * s * groups
     return {
-        "pairwise": (pairwise_ + _MEMORY * written, 2.0 * pairwise_, float(written)),
-        "per_example": (per_example_ + _MEMORY * gradients_, 2.0 * per_example_, float(gradients_)),
+        "pairwise": (pairwise_ + MEMORY_WEIGHT * written, 2.0 * pairwise_, float(written)),
+        "per_example": (per_example_ + MEMORY_WEIGHT * gradients_, 2.0 * per_example_, float(gradients_)),
     }
 
 

@@ -16,10 +16,8 @@ from typing import Any
 
 from ..axes import KernelAxes
 from ..sizes import CallSizes, output_pairs, pair_entries
-from .base import Rule, per_example
+from .base import MEMORY_WEIGHT, Rule, per_example
 from .pairwise import ones, pair_weights, pairwise
-
-_MEMORY = 16  # multiply-adds per element written to and read back from memory (2-core CPUs)
 
 
 def orders(
@@ -28,7 +26,7 @@ def orders(
     """The rule's two contraction orders: ``order -> (score, FLOPs, intermediate elements)``.
 
     The rule takes the order of lower score, and the cost model predicts with the same
-    figures. The score counts multiply-adds plus ``_MEMORY`` for every element of the
+    figures. The score counts multiply-adds plus ``MEMORY_WEIGHT`` for every element of the
     intermediate an order materialises (token products, per-example gradients): batched
     matmuls over a short token axis are memory-bound, so multiply-adds alone pick the slower
     order. FLOPs are 2 × multiply-adds.
@@ -40,8 +38,8 @@ def orders(
     gradients_ = (n1 + n2) * math.prod(out_shape) * f * n_in
     per_example_ = gradients_ * s + pairs * f * n_in
     return {
-        "pairwise": (pairwise_ + _MEMORY * entries * s * s, 2.0 * pairwise_, float(entries * s * s)),
-        "per_example": (per_example_ + _MEMORY * gradients_, 2.0 * per_example_, float(gradients_)),
+        "pairwise": (pairwise_ + MEMORY_WEIGHT * entries * s * s, 2.0 * pairwise_, float(entries * s * s)),
+        "per_example": (per_example_ + MEMORY_WEIGHT * gradients_, 2.0 * per_example_, float(gradients_)),
     }
 
 
