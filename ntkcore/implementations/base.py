@@ -88,3 +88,8 @@ class Method:
 
     def __repr__(self) -> str:
         return f"<implementation {self.name!r}>"
+
+
+def add_parts(total: Any, part: Any) -> Any:
+    """Sum of two kernels, or of two per-layer maps of kernels (chunks of outputs summed)."""
+    return {k: total[k] + part[k] for k in total} if isinstance(total, dict) else total + part

@@ -21,7 +21,7 @@ from ..contraction import contract, contract_by_layer
 from ..model_shape import ModelShape
 from ..protocol import AutodiffBackend, Params
 from ..sizes import CallSizes
-from .base import Cost, KernelCall, Method
+from .base import Cost, KernelCall, Method, add_parts
 
 # Jacobian elements held at once per side when the outputs are traced (1 GiB of float32).
 JACOBIAN_ELEMENTS = 1 << 28
@@ -105,7 +105,7 @@ class JacobianContraction(Method):
             stop = min(start + chunk, outputs)
             j1, j2 = self._both(call, params, x1, x2, slice(start, stop))
             part = contract_fn(j1, j2, axes, (shape1[0], stop - start), (shape2[0], stop - start))
-            total = part if total is None else _add(total, part)
+            total = part if total is None else add_parts(total, part)
         return total
 
     def kernel(self, call: KernelCall, params: Params, x1: Any, x2: Any) -> Any:
@@ -129,11 +129,6 @@ class JacobianContraction(Method):
         chunk = output_chunk(sizes.axes, nx, o, p)  # outputs whose Jacobians are held at once
         peak = nx * chunk * p + max(sizes.n1, sizes.n2) * chunk * a + kernel
         return Cost(passes, 2.0 * sizes.pairs * p, peak, nx * o * (p + a) + kernel)
-
-
-def _add(total: Any, part: Any) -> Any:
-    """Sum of two kernels, or of two per-layer maps of kernels."""
-    return {k: total[k] + part[k] for k in total} if isinstance(total, dict) else total + part
 
 
 METHOD = JacobianContraction()

@@ -9,7 +9,9 @@ layer's contribution without forming ∂y/∂θ. A parameter shared by layers of
 (a tied embedding) is summed from its calls' per-example gradients where the adapter gives
 them in the parameter's own layout. Parameters no rule covers — layers without a rule,
 parameters also used outside their layer, other sharing across kinds — take the exact
-per-layer path: their own Jacobians (from the same backward passes), contracted.
+per-layer path: their own Jacobians (from the same backward passes), contracted. When every
+output axis is traced, all of this runs over chunks of outputs and is summed, so that memory
+holds N·chunk cotangents, not N·O (as traced Jacobian contraction streams its Jacobians).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from ..protocol import AutodiffBackend, Capture, LayerUse, Params
 from ..rules import RULES
 from ..rules.base import per_example_cost
 from ..sizes import CallSizes
-from .base import Cost, KernelCall, Method
+from .base import Cost, KernelCall, Method, add_parts
+from .jacobian_contraction import output_chunk
 
 
 class StructuredFallbackWarning(UserWarning):
@@ -86,10 +89,13 @@ def _pieces(
     out_shape: tuple[int, ...],
     direct: list[str],
     needed: set[str],
+    components: slice | None = None,
 ) -> tuple[dict, dict, dict]:
     """Per example: the structured inputs of the ``needed`` calls, the output cotangents g of
     every call, and the Jacobians of the ``direct`` parameters — all from one set of O
-    vectorised backward passes, taken with respect to the zero probes and those parameters."""
+    vectorised backward passes, taken with respect to the zero probes and those parameters;
+    of the flattened output ``components`` only where that slice is given (``out_shape`` is
+    then the chunk's (size,))."""
     xp = backend.namespace(x)
     like = next(iter(params.values()))
 
@@ -104,7 +110,8 @@ def _pieces(
             return capture.apply_probed({**params, **{n: primals[f"param/{n}"] for n in direct}}, probes, batch)[0]
 
         out, pullback = backend.vjp(lambda p: f(p)[0, ...], primals)
-        cotangents = backend.vmap(pullback, (0,))(output_basis(xp, out))
+        basis = output_basis(xp, out)
+        cotangents = backend.vmap(pullback, (0,))(basis if components is None else basis[components])
         g = {k: cotangents[f"probe/{k}"] for k in still}
         return {k: inputs[k] for k in needed}, g, {n: cotangents[f"param/{n}"] for n in direct}
 
@@ -200,23 +207,65 @@ def kernel(
     With ``layer_of`` (parameter name -> layer name), a map layer -> that layer's contribution
     instead of their sum: a rule is applied once per layer its roles belong to.
     """
+    planned = plan(capture, params)
+    numel = {name: math.prod(p.shape) for name, p in params.items()}
+    n2 = None if x2 is None else x2.shape[0]
+    outputs = math.prod(out_shape)
+    chunk = output_chunk(axes, x1.shape[0] + (n2 or 0), outputs, _per_output(capture, planned, numel))
+    if chunk >= outputs:
+        return _assembled(backend, capture, params, planned, x1, x2, axes, out_shape, layer_of)
+    # every output axis traced: Θ = Σ_o Θ[o, o], summed over chunks of outputs, so that the
+    # cotangents held at once are N·chunk·[activations], not N·O·[activations]
+    flat = KernelAxes(2, (1,), (0,) if 0 in axes.diagonal else ())
+    total = None
+    for start in range(0, outputs, chunk):
+        part = _assembled(
+            backend, capture, params, planned, x1, x2, flat, (min(chunk, outputs - start),), layer_of,
+            slice(start, start + chunk),
+        )  # fmt: skip
+        total = part if total is None else add_parts(total, part)
+    return total
+
+
+def _per_output(capture: Capture, planned: tuple, numel: dict[str, int]) -> int:
+    """Elements held per example and output component: every call's cotangent, and the
+    Jacobians of the parameters differentiated directly (at most: fallbacks and the kinds the
+    framework may differentiate)."""
+    groups, _, fallback, _ = planned
+    framework = [n for g in groups if g[0].kind in capture.framework_gradients for n in g[0].params.values()]
+    return sum(math.prod(s) for s in capture.output_shapes.values()) + sum(numel[n] for n in fallback + framework)
+
+
+def _assembled(
+    backend: AutodiffBackend,
+    capture: Capture,
+    params: Params,
+    planned: tuple,
+    x1: Any,
+    x2: Any,
+    axes: KernelAxes,
+    out_shape: tuple[int, ...],
+    layer_of: Callable[[str], str] | None,
+    components: slice | None = None,
+) -> Any:
+    """The kernel (or its per-layer parts) of the output ``components`` (all by default)."""
     xp = backend.namespace(x1)
-    groups, shared, fallback, _ = plan(capture, params)
+    groups, shared, fallback, _ = planned
+    numel = {name: math.prod(p.shape) for name, p in params.items()}
     # fallback parameters, and layers whose per-example gradients the framework computes best
     # at these sizes, are differentiated directly in the backward passes that give the cotangents
     sizes = CallSizes.of(x1.shape[0], None if x2 is None else x2.shape[0], out_shape, axes)
-    numel = {name: math.prod(p.shape) for name, p in params.items()}
     framework = [by_framework(group_layer(capture, g, numel), sizes) for g in groups]
     direct = fallback + [name for g, f in zip(groups, framework) if f for name in g[0].params.values()]
     deferred = [g for g, f in zip(groups, framework) if not f and g[0].kind in capture.framework_gradients]
     groups = [g for g, f in zip(groups, framework) if not f]
     needed = {use.key for g in groups for use in g} | {use.key for use in shared}
-    inputs1, g1, jac1 = _formed(capture, deferred, *_pieces(backend, capture, params, x1, out_shape, direct, needed))
-    inputs2, g2, jac2 = (
-        (inputs1, g1, jac1)
-        if x2 is None
-        else _formed(capture, deferred, *_pieces(backend, capture, params, x2, out_shape, direct, needed))
-    )
+
+    def pieces(x: Any) -> tuple[dict, dict, dict]:
+        return _formed(capture, deferred, *_pieces(backend, capture, params, x, out_shape, direct, needed, components))
+
+    inputs1, g1, jac1 = pieces(x1)
+    inputs2, g2, jac2 = (inputs1, g1, jac1) if x2 is None else pieces(x2)
     shape1 = (x1.shape[0], *out_shape)
     parts = _Parts(xp, axes, (shape1, shape1 if x2 is None else (x2.shape[0], *out_shape)), layer_of)
     for group in groups:
@@ -274,11 +323,13 @@ class StructuredDerivatives(Method):
         """N·(F + O·F) for the cotangents (input cotangents only), N·O·F_d more for the weight
         gradients of parameters differentiated directly (fallbacks, kinds the framework
         differentiates; F_d their layers' forward FLOPs), then each layer's rule and the
-        contraction of the direct ones."""
+        contraction of the direct ones. With every output axis traced, the cotangents, rule
+        intermediates and direct gradients are held for one chunk of outputs at a time."""
         nx, o, a = sizes.nx, sizes.outputs, shape.activations
         contraction, largest, written, gradients, framework = _rule_terms(shape, sizes)
         passes = nx * (shape.forward_flops + o * shape.forward_flops) + nx * o * (shape.direct_flops + framework)
-        peak = nx * o * a + nx * a + largest + gradients + sizes.entries
+        held = output_chunk(sizes.axes, nx, o, a + round(gradients / max(nx * o, 1))) / o  # traced: chunks
+        peak = held * (nx * o * a + largest + gradients) + nx * a + sizes.entries
         traffic = nx * o * a + nx * a + written + gradients + sizes.entries
         return Cost(passes, contraction, peak, traffic)
 

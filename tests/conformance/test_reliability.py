@@ -179,6 +179,46 @@ def test_traced_jacobian_contraction_streams_over_output_chunks(backend, zoo, mo
     assert after < before
 
 
+@pytest.mark.parametrize("axes", [{"trace_axes": (-1,)}, {"trace_axes": (-1,), "diagonal_axes": (0,)}])
+@pytest.mark.parametrize("same", [True, False])
+def test_traced_structured_derivatives_stream_over_output_chunks(backend, zoo, monkeypatch, axes, same):
+    """With every output axis traced, structured derivatives take the cotangents of one chunk of
+    outputs at a time (here one output: the limit set to one element) and sum the chunks: the
+    same kernel, whole and per layer, and a smaller predicted peak."""
+    from collections import OrderedDict
+
+    from ntkcore import compiled
+    from ntkcore.implementations import jacobian_contraction as jc
+    from ntkcore.implementations import structured
+
+    built, x1, x2 = _mlp(zoo)
+    x1 = x1[: x2.shape[0]] if "diagonal_axes" in axes else x1
+    x2 = None if same else x2
+    options = {"implementation": "structured", **axes, **built.kwargs}
+    whole = zoo.to_numpy(ntkcore.ntk(built.model, x1, x2, **options))
+    layers = {k: zoo.to_numpy(v) for k, v in ntkcore.ntk(built.model, x1, x2, per_layer=True, **options).items()}
+    before = ntkcore.explain(built.model, x1, x2, **options).estimates["structured"].peak_bytes
+    for cache in ("_COMPILED", "_CHOICES"):  # compile afresh, with the smaller chunks
+        monkeypatch.setattr(compiled, cache, OrderedDict())
+    monkeypatch.setattr(jc, "JACOBIAN_ELEMENTS", 1)
+    chunks = []
+    assembled = structured._assembled
+
+    def spy(*args, **kwargs):
+        chunks.append(args[-1] if len(args) == 10 else kwargs.get("components"))
+        return assembled(*args, **kwargs)
+
+    monkeypatch.setattr(structured, "_assembled", spy)
+    chunked = zoo.to_numpy(ntkcore.ntk(built.model, x1, x2, **options))
+    per_layer = ntkcore.ntk(built.model, x1, x2, per_layer=True, **options)
+    after = ntkcore.explain(built.model, x1, x2, **options).estimates["structured"].peak_bytes
+    assert chunks[:3] == [slice(0, 1), slice(1, 2), slice(2, 3)], chunks
+    np.testing.assert_allclose(chunked, whole, rtol=1e-12, atol=1e-12 * np.abs(whole).max())
+    for name, part in per_layer.items():
+        np.testing.assert_allclose(zoo.to_numpy(part), layers[name], rtol=1e-12, atol=1e-12 * np.abs(whole).max())
+    assert after < before
+
+
 # -- stores ------------------------------------------------------------------------------------
 def _zarr_chunks(out: Path) -> list[Path]:
     return sorted(p for p in (out / "c").rglob("*") if p.is_file())
