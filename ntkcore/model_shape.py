@@ -11,9 +11,10 @@ from typing import Any
 
 from .rules import RULES
 from .rules.base import token_count
+from .rules.tied import pairs_of as tied_pairs
 from .sizes import CallSizes
 
-FRAMEWORK, SHARED, FALLBACK = "framework", "shared", "fallback: "  # LayerShape.rule besides a kind
+FRAMEWORK, SHARED, TIED, FALLBACK = "framework", "shared", "tied", "fallback: "  # LayerShape.rule besides a kind
 
 
 @dataclass(frozen=True)
@@ -24,9 +25,11 @@ class LayerShape:
     share the weights over all calls (S), ``features`` the output features (F), ``fan_in``
     the inputs per output feature of a dense layer or convolution. ``rule`` says how
     structured derivatives treat it: the kind's rule, ``"framework"`` (per-example gradients
-    from the framework's backward pass), ``"shared"`` (a parameter tied across kinds) or
-    ``"fallback: <why>"``. ``groups``: a grouped convolution's; ``on_request``: a layer the
-    framework differentiates whose structured input the adapter forms on request
+    from the framework's backward pass), ``"tied"`` (a table tied between embedding and dense
+    calls: each call's rule and their cross terms), ``"shared"`` (another parameter tied across
+    kinds: per-example gradients summed) or ``"fallback: <why>"``. ``groups``: a grouped
+    convolution's; ``on_request``: a layer the framework differentiates whose structured input
+    the adapter forms on request
     (``Capture.deferred_inputs``), so that its rule may take it instead (:func:`by_framework`).
     """
 
@@ -110,9 +113,13 @@ def model_shape(capture: Any, params: Mapping[str, Any], plan: tuple | None) -> 
     forward += 2.0 * sum(n for name, n in sizes.items() if name not in used)  # uncaptured: once each
     direct_flops += 2.0 * sum(sizes[name] for name in fallback if name not in used)
     layers = [group_layer(capture, group, sizes) for group in groups]
-    for use in shared:  # per-example gradients of a parameter tied across kinds, summed
+    rule = TIED if shared and tied_pairs(shared) is not None else SHARED
+    for use in shared:  # a parameter tied across kinds
         tokens, features = token_count(capture.output_shapes[use.key], use.feature_axis)
-        layers.append(LayerShape(use.layer, use.kind, _role_sizes(use, sizes), tokens, features, 0, SHARED))
+        roles = _role_sizes(use, sizes)
+        layers.append(
+            LayerShape(use.layer, use.kind, roles, tokens, features, RULES[use.kind].fan_in(roles, features), rule)
+        )
     why = "; ".join(reasons) or "no rule"
     for name in fallback:
         layers.append(LayerShape(name, "parameter", {"": sizes[name]}, 1, 1, 0, f"{FALLBACK}{why}"))

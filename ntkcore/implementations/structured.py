@@ -24,17 +24,20 @@ from typing import Any
 from ..arrays import layer_name, layers_of, output_basis, zeros
 from ..axes import KernelAxes
 from ..contraction import contract_by_layer
-from ..model_shape import FALLBACK, FRAMEWORK, SHARED, ModelShape, by_framework, framework_flops, group_layer
+from ..model_shape import FALLBACK, FRAMEWORK, SHARED, TIED, ModelShape, by_framework, framework_flops, group_layer
 from ..protocol import AutodiffBackend, Capture, LayerUse, Params
 from ..rules import RULES
 from ..rules.base import per_example_cost
+from ..rules.tied import cross
+from ..rules.tied import pairs_of as tied_pairs
 from ..sizes import CallSizes
 from .base import Cost, KernelCall, Method, add_parts
 from .jacobian_contraction import output_chunk
 
-# Times each element of a tied parameter's per-example gradients crosses memory: formed, laid
+# Times each element of a shared parameter's per-example gradients crosses memory: formed, laid
 # out as the parameter, summed over its calls, read by the contraction, and a copy on the way
-# (measured: 45.6 s for 4.1e9 elements on GPT-2 with tied embeddings, 2-core CPU, ~1.7 GB/s).
+# (measured: 45.6 s for 4.1e9 elements on GPT-2's tied table, 2-core CPU, ~1.7 GB/s, before
+# tables tied between embedding and dense calls took the pairwise cross terms of rules.tied).
 SHARED_PASSES = 5
 
 
@@ -277,10 +280,20 @@ def _assembled(
         a1, b1 = _group_arrays(xp, group, inputs1, g1, out_shape)
         a2, b2 = (a1, b1) if x2 is None else _group_arrays(xp, group, inputs2, g2, out_shape)
         parts.rule(group, a1, b1, a2, b2)
-    if shared:
+    tied = tied_pairs(shared) if shared else None
+    if shared and tied is None:
         s1 = _shared_gradients(xp, shared, params, inputs1, g1, out_shape)
         s2 = s1 if x2 is None else _shared_gradients(xp, shared, params, inputs2, g2, out_shape)
         parts.contract_by_layer(s1, s2)
+    for name, by_kind in (tied or {}).items():  # each use's own rule, then the cross terms
+        one = {kind: _group_arrays(xp, uses, inputs1, g1, out_shape) for kind, uses in by_kind.items()}
+        two = one if x2 is None else {k: _group_arrays(xp, u, inputs2, g2, out_shape) for k, u in by_kind.items()}
+        for kind, uses in by_kind.items():
+            parts.rule(uses, *one[kind], *two[kind])
+        (x_1, gd1), (ids1, e1) = one["dense"], one["embedding"]
+        (x_2, gd2), (ids2, e2) = two["dense"], two["embedding"]
+        part = cross(xp, gd1, x_1, ids2, e2, axes, True) + cross(xp, gd2, x_2, ids1, e1, axes, False)
+        parts.add(parts.key(name), part)
     if direct:
         parts.contract_by_layer(jac1, jac2)
     return parts.parts if layer_of is not None else parts.total()
@@ -298,6 +311,11 @@ def _rule_terms(shape: ModelShape, sizes: CallSizes) -> tuple[float, float, floa
             framework += framework_flops(layer)
         elif layer.rule in RULES or layer.rule == FRAMEWORK:  # a framework layer its rule takes at these sizes
             cost, elements = RULES[layer.kind].cost(layer, sizes)
+        elif layer.rule == TIED:  # the call's own rule; a dense call adds the two cross terms
+            cost, elements = RULES[layer.kind].cost(layer, sizes)
+            if layer.kind == "dense":  # Σ_{s,t} over its tokens and the embedding's (taken alike)
+                cost += 4.0 * sizes.pairs * layer.tokens**2
+                elements = max(elements, float(sizes.pairs * layer.tokens**2))
         elif layer.rule == SHARED:  # per-example gradients, summed, then contracted
             cost, elements = per_example_cost(layer.tokens, size, sizes)
             written += (SHARED_PASSES - 1) * elements
@@ -346,6 +364,8 @@ def describe(layer: Any, sizes: CallSizes) -> str:
         return f"{layer.kind}: per-example gradients from the framework's backward pass"
     if layer.rule == FRAMEWORK:
         return RULES[layer.kind].describe(layer, sizes) + " (its input formed on request)"
+    if layer.rule == TIED:
+        return f"{RULES[layer.kind].describe(layer, sizes)}, plus the cross terms of the table it ties to another kind"
     if layer.rule == SHARED:
         return f"{layer.kind} rule's per-example gradients, summed over the layers sharing the parameter"
     if layer.rule.startswith(FALLBACK):

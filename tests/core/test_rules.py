@@ -14,7 +14,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from ntkcore.axes import KernelAxes  # noqa: E402
-from ntkcore.rules import affine, conv, dense, embedding  # noqa: E402
+from ntkcore.rules import affine, conv, dense, embedding, tied  # noqa: E402
 from ntkcore.testing import reference_kernel  # noqa: E402
 
 xp = pytest.importorskip("array_api_compat").array_namespace(np.empty(0))
@@ -141,3 +141,27 @@ def test_conv_order_follows_positions_and_weights():
     assert deep["pairwise"][0] < deep["per_example"][0]
     assert early["per_example"][0] < early["pairwise"][0]
     assert depthwise["per_example"][0] < depthwise["pairwise"][0]
+
+
+@settings(max_examples=40, deadline=None)
+@given(layouts(), st.integers(2, 5), st.integers(1, 4))
+def test_tied_cross_terms(layout, vocabulary, t):
+    """The cross terms of a table W (V, d) read by an embedding and multiplied by a dense layer:
+    ⟨Σ_s g1_s⊗x1_s, Σ_t onehot(id2_t)⊗e2_t⟩ and its mirror, against both per-example gradients
+    formed in the table's layout and contracted (padding ids, -1, have no gradient)."""
+    n1, n2, out, s, d, _, trace, diagonal, seed = layout
+    rng = np.random.default_rng(seed)
+    g = [rng.normal(size=(n, *out, s, vocabulary)) for n in (n1, n2)]
+    x = [rng.normal(size=(n, s, d)) for n in (n1, n2)]
+    ids = [rng.integers(-1, vocabulary, size=(n, t)) for n in (n1, n2)]
+    e = [rng.normal(size=(n, *out, t, d)) for n in (n1, n2)]
+    dense_grads = [np.einsum("n...sv,nsd->n...vd", gi, xi) for gi, xi in zip(g, x)]
+    onehot = [np.eye(vocabulary + 1)[ii][..., :vocabulary] for ii in ids]  # id -1 -> the dropped last row
+    table_grads = [np.einsum("ntv,n...td->n...vd", oi, ei) for oi, ei in zip(onehot, e)]
+    flat = [{"W": j.reshape(*j.shape[:-2], -1)} for j in (*dense_grads, *table_grads)]
+    axes = _axes(n1, out, trace, diagonal)
+    actual = tied.cross(xp, g[0], x[0], ids[1], e[1], axes, dense_first=True)
+    _check(actual, flat[0], flat[3], out, trace, diagonal)
+    actual = tied.cross(xp, g[1], x[1], ids[0], e[0], axes, dense_first=False)
+    _check(actual, flat[2], flat[1], out, trace, diagonal)
+
