@@ -164,4 +164,3 @@ def test_tied_cross_terms(layout, vocabulary, t):
     _check(actual, flat[0], flat[3], out, trace, diagonal)
     actual = tied.cross(xp, g[1], x[1], ids[0], e[0], axes, dense_first=False)
     _check(actual, flat[2], flat[1], out, trace, diagonal)
-
