@@ -3,11 +3,12 @@
 The adapter's capture gives every parameterised layer call's structured input; one vjp per
 output component with respect to zero probes added to the layer outputs gives every layer's
 output cotangents g at once (N·O·[FP]), and, in the same backward passes, the per-example
-gradients of the parameters that are best differentiated directly (fallbacks, and kinds the
-adapter leaves to its framework). The rules in :mod:`ntkcore.rules` then assemble each
-layer's contribution without forming ∂y/∂θ. A parameter shared by layers of different kinds
-(a tied embedding) is summed from its calls' per-example gradients where the adapter gives
-them in the parameter's own layout. Parameters no rule covers — layers without a rule,
+gradients of the parameters that are best differentiated directly (fallbacks, and layers the
+adapter leaves to its framework where that is cheaper). The rules in :mod:`ntkcore.rules` then
+assemble each layer's contribution without forming ∂y/∂θ. A table tied between embedding and
+dense calls takes both rules plus their cross terms (:mod:`ntkcore.rules.tied`); another
+parameter shared by layers of different kinds is summed from its calls' per-example gradients
+where the adapter gives them in the parameter's own layout. Parameters no rule covers — layers without a rule,
 parameters also used outside their layer, other sharing across kinds — take the exact
 per-layer path: their own Jacobians (from the same backward passes), contracted. When every
 output axis is traced, all of this runs over chunks of outputs and is summed, so that memory
