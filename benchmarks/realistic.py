@@ -107,8 +107,8 @@ def _rss_mb() -> float:
 
 
 def timed(call: Any, repeats: int) -> dict:
-    """The first call's seconds, the median of ``repeats`` later calls and the peak RSS above the
-    level before them (warnings silenced)."""
+    """The first call's seconds, the median of ``repeats`` later calls (the first call's with
+    none) and the peak RSS above the level before them (warnings silenced)."""
     import warnings
 
     base = _rss_mb()
@@ -122,7 +122,7 @@ def timed(call: Any, repeats: int) -> dict:
             start = time.perf_counter()
             call()
             times.append(time.perf_counter() - start)
-    return {"first_s": first, "seconds": statistics.median(times), "peak_mb": _rss_mb() - base}
+    return {"first_s": first, "seconds": statistics.median(times or [first]), "peak_mb": _rss_mb() - base}
 
 
 def one(name: str, implementation: str, repeats: int) -> dict:
@@ -149,16 +149,24 @@ def one(name: str, implementation: str, repeats: int) -> dict:
 
 def in_child(code: str, row: dict, timeout: float) -> dict:
     """The JSON row the Python ``code`` prints last, run in a process of its own (a peak or an
-    out-of-memory kill is its own); ``row`` with an ``error`` when it fails or runs too long."""
+    out-of-memory kill is its own); ``row`` with an ``error`` when it fails or runs too long,
+    updated by any JSON row the code printed before that."""
     try:
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {**row, "error": f"stopped after {timeout:.0f} s"}
+    except subprocess.TimeoutExpired as stopped:
+        return {**row, **_last_row(stopped.stdout), "error": f"stopped after {timeout:.0f} s"}
     if done.returncode != 0:
         errors = [line for line in done.stderr.splitlines() if "Error: " in line] or done.stderr.splitlines()[-1:]
         why = "killed (out of memory?)" if done.returncode < 0 else errors[-1].split(". ")[0][:240]
-        return {**row, "error": why}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        return {**row, **_last_row(done.stdout), "error": why}
+    return _last_row(done.stdout)
+
+
+def _last_row(stdout: str | bytes | None) -> dict:
+    """The last JSON object printed (a timed-out child's output comes back as bytes)."""
+    text = stdout.decode() if isinstance(stdout, bytes) else stdout or ""
+    lines = [line for line in text.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]) if lines else {}
 
 
 def _child(name: str, implementation: str, repeats: int, timeout: float) -> dict:

@@ -165,8 +165,9 @@ def ntk(
             (k = ``sketch_dim`` forward-mode products of the batch, J never formed; error ∝ 1/√k),
             the same R for a given ``seed`` (so tiles and stores hold one sketch). Never chosen by
             ``"auto"``; :func:`sketched_ntk` gives its standard error too. ``sketch_kronecker``:
-            columns s⊗r per dense layer and embedding from the layer capture (tokens × (F + in)
-            per column and layer instead of F × in, after N·O backward passes).
+            columns s⊗r per dense layer, embedding and (where it costs less) convolution from the
+            layer capture (tokens × (F + in) per column and layer instead of F × in, after N·O
+            backward passes).
         model_kwargs: keyword arguments of the model's calls: a map shared by every call
             (``{"deterministic": True}``), or a pair ``(kw1, kw2)`` of maps of per-example arrays
             for x1's and x2's examples (padding masks; ``kw2=None`` with ``x2=None``).

@@ -13,9 +13,11 @@ on every call, tile and worker, so a tiled or stored sketched kernel is one sket
 weight gets s⊗r (signs over its outputs and over its inputs, still E[R·Rᵀ] = I), so its
 projection is Σ_s (g_s·s)(x_s·r), tokens × (F + in) per column instead of F × in, with x_s its
 inputs and g_s its output cotangents from the structured derivatives' backward passes (N·O of
-them); an embedding table's is r⊗s over its rows and features. Parameters without such a rule
-are projected from their per-example gradients (or Jacobians) with plain sign vectors. Worth it
-where k·P tangents would not fit, or k exceeds a few times O.
+them); an embedding table's is r⊗s over its rows and features; a convolution's is s⊗r over its
+output channels and a patch where that costs less (``rules.conv.kronecker_pays``: few positions,
+many weights), its patches formed on request where the framework differentiates it. Parameters
+without such a rule are projected from their per-example gradients (or Jacobians) with plain
+sign vectors. Worth it where k·P tangents would not fit, or k exceeds a few times O.
 
 Not in :data:`~ntkcore.implementations.REGISTRY` (whose implementations are exact, and among
 which ``auto`` chooses): ``implementation="sketch"`` asks for it by name.
@@ -30,10 +32,11 @@ from typing import Any
 import numpy as np
 
 from ..contraction import contract
+from ..model_shape import group_layer
 from ..protocol import Params
 from ..rules import RULES
 from .base import KernelCall, Method
-from .structured import _group_arrays, _pieces, _shared_gradients, plan
+from .structured import _formed, _group_arrays, _pieces, _shared_gradients, plan
 
 NAME = "sketch"
 # Tangent elements held at once (k·P in all): chunks of tangents stream through one jvp each.
@@ -71,7 +74,7 @@ class Sketch(Method):
         rows = [
             np.random.default_rng([self.seed, i]).integers(0, 2, size=length, dtype=np.int8) for i in range(start, stop)
         ]
-        return 2.0 * np.stack(rows) - 1.0
+        return (2 * np.stack(rows) - 1).astype(np.float32)  # ±1 exactly, in any float dtype
 
     def _tangents(self, call: KernelCall, params: Params, start: int, stop: int) -> dict[str, Any]:
         """Columns ``start:stop`` of R as tangents, name -> (stop - start, *param.shape)."""
@@ -188,9 +191,13 @@ class _Layers:
 
         backend, capture, xp = call.backend, call.capture, call.backend.namespace(x)
         groups, shared, fallback, _ = plan(capture, params)
-        framework = capture.framework_gradients
-        direct = fallback + [n for g in groups if g[0].kind in framework for n in g[0].params.values()]
-        self.groups = [g for g in groups if g[0].kind not in framework]
+        numel = {name: math.prod(p.shape) for name, p in params.items()}
+        # a layer the framework differentiates keeps its per-example gradients, unless its
+        # input can be formed on request and its rule's Kronecker columns cost less
+        framework = [g for g in groups if g[0].kind in capture.framework_gradients]
+        deferred = [g for g in framework if _by_rule(capture, g, numel)]
+        direct = fallback + [n for g in framework if g not in deferred for n in g[0].params.values()]
+        self.groups = [g for g in groups if g not in framework or g in deferred]
         needed = {u.key for g in self.groups for u in g} | {u.key for u in shared}
         key = ("sketch pieces", call, tuple(direct))
         pieces = compiled.lookup(
@@ -198,7 +205,7 @@ class _Layers:
             key,
             lambda: backend.jit(lambda p, x_: _pieces(backend, capture, p, x_, call.out_shape, direct, needed)),
         )
-        inputs, g, jac = pieces(params, x)
+        inputs, g, jac = _formed(capture, deferred, *pieces(params, x))
         self.xp, self.like = xp, next(iter(params.values()))
         self.arrays = [_group_arrays(xp, group, inputs, g, call.out_shape) for group in self.groups]
         self.shapes = [{role: tuple(params[n].shape) for role, n in group[0].params.items()} for group in self.groups]
@@ -224,3 +231,9 @@ class _Layers:
         for v, factors in zip(self.plain, signs[slot:]):
             total = total + self.xp.matmul(v, factors[0])
         return total
+
+
+def _by_rule(capture: Any, group: list, numel: dict[str, int]) -> bool:
+    """Whether the Kronecker sketch takes a layer the framework differentiates by its rule."""
+    layer = group_layer(capture, group, numel)
+    return layer.on_request and RULES[layer.kind].sketch_pays(layer)

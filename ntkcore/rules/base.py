@@ -69,6 +69,12 @@ class Rule:
         one per factor (a Kronecker-structured column, :meth:`project`)."""
         return {role: (math.prod(shape),) for role, shape in shapes.items()}
 
+    def sketch_pays(self, layer: Any) -> bool:
+        """Whether the Kronecker-structured sketch should take a layer the framework
+        differentiates (:class:`~ntkcore.model_shape.LayerShape`) by this rule, its input formed
+        on request, rather than project the framework's per-example gradients."""
+        return False
+
     def project(self, xp: Any, x: Any, g: Any, shapes: Mapping[str, tuple], signs: Mapping[str, list[Any]]) -> Any:
         """Σ_roles J_role·r for the sketch's columns: ``signs[role]`` holds one (length, c) array
         per factor of :meth:`sketch_factors`; returns (N, *out, c). By default the per-example

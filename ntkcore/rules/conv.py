@@ -49,6 +49,13 @@ def pairwise_pays(layer: Any, sizes: CallSizes) -> bool:
     return found["pairwise"][0] < found["per_example"][0]
 
 
+def kronecker_pays(s: int, k: int, c: int, groups: int) -> bool:
+    """Whether a sketch's Kronecker-structured columns cost less than plain ones on the weight
+    gradient: S·(C + G·K) per example, output and column against C·K (the deep layers of a CNN,
+    where positions are few and weights many)."""
+    return s * (c + groups * k) < c * k
+
+
 def _layer_orders(layer: Any, sizes: CallSizes) -> dict[str, tuple[float, float, float]]:
     fan_in = max(layer.fan_in, 1)
     return orders(sizes.n1, sizes.n2, layer.tokens, fan_in, layer.features, layer.groups, sizes.out_shape, sizes.axes)
@@ -112,11 +119,39 @@ class Conv(Rule):
     def kernel(self, xp: Any, x1: Any, g1: Any, x2: Any, g2: Any, axes: KernelAxes, roles: set[str]) -> Any:
         return kernel(xp, x1, g1, x2, g2, axes, roles)
 
+    def sketch_factors(self, shapes: Mapping[str, tuple], x: Any, g: Any) -> dict[str, tuple[int, ...]]:
+        """The weight's column is s⊗r (s over the C output channels, r over a patch's K inputs,
+        shared by the groups) where :func:`kronecker_pays`; else one vector of its size."""
+        _, s, groups, k = x.shape
+        c = g.shape[-1]
+        if "weight" not in shapes or not kronecker_pays(s, k, c, groups):
+            return super().sketch_factors(shapes, x, g)
+        return {role: (c, k) if role == "weight" else (c,) for role in shapes}
+
+    def sketch_pays(self, layer: Any) -> bool:
+        """Patches formed on request pay where the Kronecker columns do."""
+        return kronecker_pays(layer.tokens, max(layer.fan_in, 1), layer.features, layer.groups)
+
     def project(self, xp: Any, x: Any, g: Any, shapes: Mapping[str, tuple], signs: Mapping[str, list[Any]]) -> Any:
-        """The per-example gradients from the patches times the signs (their layout is the
+        """Kronecker columns: Σ_{s,g} (g_{s,g}·s_g)(patch_{s,g}·r), no gradient formed; plain
+        ones: the per-example gradients from the patches times the signs (their layout is the
         sketch's own basis: any fixed order of independent signs is as good)."""
-        grads = gradients(xp, x, g, set(shapes))
-        return sum(xp.matmul(grads[role], signs[role][0]) for role in shapes)
+        if len(signs.get("weight", ())) != 2:
+            grads = gradients(xp, x, g, set(shapes))
+            return sum(xp.matmul(grads[role], signs[role][0]) for role in shapes)
+        n, s, groups = x.shape[:3]
+        lead = tuple(g.shape[:-2])  # (N, *out)
+        s_, r = signs["weight"]
+        f = g.shape[-1] // groups
+        gg = xp.reshape(g, (*lead, s, groups, f))
+        gg = xp.permute_dims(gg, (*range(len(lead)), len(lead) + 1, len(lead), len(lead) + 2))  # (N, *out, G, S, F)
+        gs = xp.matmul(gg, xp.reshape(s_, (groups, f, s_.shape[-1])))  # (N, *out, G, S, c)
+        xr = xp.matmul(xp.permute_dims(x, (0, 2, 1, 3)), r)  # (N, G, S, c)
+        xr = xp.reshape(xr, (n, *([1] * (len(lead) - 1)), *xr.shape[1:]))
+        total = xp.sum(gs * xr, axis=(-3, -2))
+        if "bias" in shapes:
+            total = total + xp.matmul(xp.sum(g, axis=-2), signs["bias"][0])
+        return total
 
     def forward_flops(self, tokens: int, features: int, sizes: Mapping[str, int]) -> float:
         weight = sizes.get("weight", 0)

@@ -121,3 +121,33 @@ def test_never_auto_and_options_checked(backend, zoo):
             built.model, x1, implementation="sketch", sketch_dim=16, sketch_kronecker=True,
             batch_independent=False, **built.kwargs,
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("columns", ["kronecker", "plain"])
+def test_kronecker_sketch_on_convolutions(backend, zoo, monkeypatch, columns):
+    """Every convolution of the structured ``convs`` case (strided, dilated, padded, grouped,
+    depthwise, 1D, 3D) with its weight's columns forced Kronecker-structured (s⊗r, from patches
+    that torch and TensorFlow form on request) or plain: unbiased, as :func:`test_unbiased`
+    states it (same bound), and the columns are the ones forced."""
+    if "structured" not in zoo.CAPABILITIES or "convs" not in zoo.STRUCTURED_CASES:
+        pytest.skip(f"{backend} has no 'convs' structured case")
+    from ntkcore.rules import conv
+
+    monkeypatch.setattr(conv, "kronecker_pays", lambda *sizes: columns == "kronecker")
+    seen, project = [], type(conv.RULE).project
+
+    def recorded(self, xp, x, g, shapes, signs):
+        seen.append(len(signs["weight"]))  # 2 factors: s⊗r; 1: plain signs on the gradient
+        return project(self, xp, x, g, shapes, signs)
+
+    monkeypatch.setattr(type(conv.RULE), "project", recorded)
+    built, x1, x2, _ = zoo.structured_case("convs")
+    exact = zoo.to_numpy(ntkcore.ntk(built.model, x1, x2, implementation="jacobian_contraction", **built.kwargs))
+    options = {"implementation": "sketch", "sketch_dim": 8, "sketch_kronecker": True, **built.kwargs}
+    sketches = [zoo.to_numpy(ntkcore.ntk(built.model, x1, x2, seed=s, **options)) for s in range(64)]
+    single = np.sqrt(np.mean([_relative(k, exact) ** 2 for k in sketches]))
+    assert _relative(np.mean(sketches, axis=0), exact) < 3 * single / np.sqrt(64)
+    if columns == "kronecker":
+        assert set(seen) == {2}
+    else:  # torch and TensorFlow keep their framework's gradients; JAX's conv rule projects them
+        assert set(seen) <= {1} and (backend != "jax" or seen)

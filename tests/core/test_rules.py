@@ -131,6 +131,45 @@ def test_conv(layout, groups, order, which):
     _check(actual, jac[0], jac[1], out, trace, diagonal)
 
 
+@settings(max_examples=30, deadline=None)
+@given(layouts(), st.integers(1, 3), st.integers(1, 5), st.sampled_from(["both", "weight"]))
+def test_conv_kronecker_sketch_columns(layout, groups, c, which):
+    """A Kronecker-structured sketch column of a convolution's weight is s⊗r (s over the G·F
+    output channels, r over a patch's K inputs, shared by the groups): the projection from the
+    patches equals the explicit per-example gradient times that column; a bias keeps its own
+    signs. Forced where :func:`conv.kronecker_pays` would decline (sizes this small)."""
+    n1, _, out, s, k, f, _, _, seed = layout
+    roles = {"weight", "bias"} if which == "both" else {"weight"}
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n1, s, groups, k))
+    g = rng.normal(size=(n1, *out, s, groups * f))
+    signs = {"weight": [rng.choice([-1.0, 1.0], size=(groups * f, c)), rng.choice([-1.0, 1.0], size=(k, c))]}
+    if "bias" in roles:
+        signs["bias"] = [rng.choice([-1.0, 1.0], size=(groups * f, c))]
+    shapes = {"weight": (groups * f, 1, k), "bias": (groups * f,)}
+    shapes = {role: shapes[role] for role in roles}
+    actual = conv.RULE.project(xp, x, g, shapes, signs)
+    w = np.einsum("n...scf,nsck->n...cfk", g.reshape(*g.shape[:-1], groups, f), x)  # (N, *out, G, F, K)
+    column = np.einsum("cj,kj->ckj", *signs["weight"]).reshape(groups, f, k, c)
+    expected = np.einsum("n...gfk,gfkj->n...j", w, column)
+    if "bias" in roles:
+        expected = expected + g.sum(axis=-2) @ signs["bias"][0]
+    np.testing.assert_allclose(actual, expected, rtol=1e-10, atol=1e-10 * np.abs(expected).max())
+
+
+def test_conv_kronecker_sketch_where_positions_are_few():
+    """Kronecker columns for a CNN's deep layers (few positions, many weights), plain columns on
+    the gradient for its first ones; the factors follow."""
+    assert conv.kronecker_pays(16, 9 * 512, 512, 1) and not conv.kronecker_pays(1024, 27, 64, 1)
+    deep, early = np.zeros((2, 16, 1, 9 * 512)), np.zeros((2, 10, 1024, 64))
+    assert conv.RULE.sketch_factors({"weight": (512, 512, 3, 3)}, deep, np.zeros((2, 10, 16, 512))) == {
+        "weight": (512, 9 * 512)
+    }
+    assert conv.RULE.sketch_factors({"weight": (64, 3, 3, 3)}, np.zeros((2, 1024, 1, 27)), early) == {
+        "weight": (64 * 27,)
+    }
+
+
 def test_conv_order_follows_positions_and_weights():
     """The pairwise order where positions are few and weights many (a CNN's deep layers), the
     per-example gradients where positions are many and weights few (its first layers)."""
