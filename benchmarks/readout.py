@@ -162,7 +162,7 @@ def _failure(row: dict, per_call: float | None) -> str:
 
 def _order(row: dict) -> tuple:
     """Logits before the hidden state, the reduction on before off, then by implementation."""
-    names = [i for _, _, i in RUNS] + ["structured"]
+    names = [i for _, _, i in RUNS]
     return row["output"] == "hidden", not row["reduce"], names.index(row["implementation"])
 
 
